@@ -1,0 +1,16 @@
+"""The Dagster code location: `dagster dev` and `dagster asset materialize` load this module."""
+
+import dagster as dg
+
+from dalle3_dag import raw_pairs
+from dalle3_dag.resources import DvcResource, MlflowResource, StorageResource
+
+defs = dg.Definitions(
+    assets=dg.load_assets_from_modules([raw_pairs]),
+    asset_checks=dg.load_asset_checks_from_modules([raw_pairs]),
+    resources={
+        "storage": StorageResource(),
+        "mlflow_tracker": MlflowResource(),
+        "dvc": DvcResource(),
+    },
+)

@@ -1,0 +1,1 @@
+"""Data stages: generation, shard reading/writing and the record they pass around."""
