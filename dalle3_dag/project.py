@@ -39,8 +39,9 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     for name, value in overrides.items():
         if value is None:
             continue
-        if isinstance(value, dict) and isinstance(merged.get(name), dict):
-            value = merge(merged[name], value)
+        if isinstance(value, dict):
+            base_value = merged.get(name)
+            value = merge(base_value if isinstance(base_value, dict) else {}, value)
         merged[name] = value
     return merged
 

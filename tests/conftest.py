@@ -1,10 +1,19 @@
 """Shared test fixtures."""
 
 import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 from moto.server import ThreadedMotoServer
+
+from dalle3_dag.resources import DvcResource, MlflowResource, StorageResource
 
 
 @pytest.fixture(scope="session")
@@ -21,3 +30,66 @@ def s3_server() -> Iterator[str]:
     host, port = server.get_host_and_port()
     yield f"http://{host}:{port}"
     server.stop()
+
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["DVC_NO_ANALYTICS"] = "1"
+
+# A toy profile small enough for tests: every split, a few shards each.
+SMALL_PARAMS = {
+    "raw_pairs": {
+        "source": "shapeworld",
+        "uri": "",
+        "seed": 0,
+        "shard_size": 32,
+        "splits": {"train": 64, "labelled": 32, "clip": 32, "eval": 16},
+        "prompts_per_category": 2,
+        "world": {"image_size": 32},
+    },
+}
+
+
+@dataclass
+class Project:
+    """A throwaway copy of the project: its own params, DVC repo, MLflow store and assets."""
+
+    root: Path
+    storage: StorageResource
+    mlflow: MlflowResource
+    dvc: DvcResource
+
+    @property
+    def resources(self) -> dict[str, Any]:
+        return {"storage": self.storage, "mlflow_tracker": self.mlflow, "dvc": self.dvc}
+
+    def env(self) -> dict[str, str]:
+        """Environment that points the Dagster and DVC CLIs at this project."""
+        return {
+            **os.environ,
+            "DALLE3_PROJECT_DIR": str(self.root),
+            "DALLE3_PARAMS": str(self.root / "params.yaml"),
+            "DAGSTER_HOME": str(self.root / ".dagster"),
+            "MLFLOW_TRACKING_URI": self.mlflow.resolved_uri(),
+        }
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Project:
+    root = tmp_path / "project"
+    root.mkdir()
+    for name in ("ml", "dalle3_dag", "pyproject.toml"):
+        (root / name).symlink_to(REPO / name)
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    (root / "params.yaml").write_text(yaml.safe_dump(SMALL_PARAMS))
+    (root / ".dagster").mkdir()
+    (root / ".dagster" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=root, check=True)
+    monkeypatch.setenv("DALLE3_PARAMS", str(root / "params.yaml"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return Project(
+        root=root,
+        storage=StorageResource(root=str(root / "assets")),
+        mlflow=MlflowResource(project_dir=str(root)),
+        dvc=DvcResource(repo_dir=str(root)),
+    )

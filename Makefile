@@ -1,0 +1,49 @@
+# The two commands of the quick start (`make run`, `make test`) and the UIs.
+# Each target bootstraps .venv when it is missing or pyproject.toml changed.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+export DAGSTER_HOME := $(CURDIR)/.dagster
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export DO_NOT_TRACK := 1
+
+.PHONY: install run test lint ui bench
+
+install: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
+
+# torch goes first and pinned, so nothing later pulls a different multi-GB build.
+# Dagster's asset-selection parser needs the antlr4 4.13 runtime; dvc's optional hydra
+# integration (unused here) pins 4.9, so pip cannot resolve both in one go: set it last.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps antlr4-python3-runtime==4.13.2
+	touch $@
+
+$(DAGSTER_HOME)/dagster.yaml:
+	mkdir -p $(DAGSTER_HOME)
+	printf 'telemetry:\n  enabled: false\n' > $@
+
+run: install
+	$(BIN)/dagster asset materialize -m dalle3_dag.definitions --select '*'
+	$(BIN)/dalle3 summary
+
+test: install
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check .
+
+bench: install
+	$(BIN)/python bench/bench_data.py
+
+ui: install
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
+		--host 127.0.0.1 --port 5000 & \
+	$(BIN)/dagster dev -m dalle3_dag.definitions --host 127.0.0.1 --port 3000; \
+	kill %1
