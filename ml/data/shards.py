@@ -116,7 +116,7 @@ class ShardWriter:
             "failed_to_download": 0,
             "failed_to_resize": 0,
         }
-        _write_atomic(
+        write_atomic(
             path.with_name(f"{path.stem}_stats.json"),
             json.dumps(stats, indent=4, sort_keys=True).encode() + b"\n",
         )
@@ -186,7 +186,7 @@ def _commit(file: IO[bytes], path: Path) -> None:
     os.replace(_temp_path(path), path)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
     with open(_temp_path(path), "wb") as file:
         file.write(data)
         _commit(file, path)
@@ -367,3 +367,21 @@ def _decode_meta(parts: dict[str, bytes], stats: ReadStats) -> dict[str, Any]:
         stats.skipped_members += 1
         return {}
     return meta
+
+
+def shard_keys(uri: str, s3: Any = None) -> list[str]:
+    """Keys of the samples in a shard that carry an image, in order, without decoding images.
+
+    This is what `read_shard` would yield, plus the samples whose image bytes do not decode
+    (which it counts in `ReadStats.skipped_images`). It still reads the shard's bytes, since a
+    streamed tar has no index, but skips the image decoding that dominates a read.
+    """
+    keys: list[str] = []
+    with closing(_open_stream(uri, s3)) as stream:
+        try:
+            for key, parts in _member_groups(stream, ReadStats()):
+                if any(ext in parts for ext in IMAGE_EXTENSIONS):
+                    keys.append(key)
+        except (tarfile.TarError, EOFError):  # a cut-off shard: read_shard stops here too
+            pass
+    return keys

@@ -1,0 +1,246 @@
+"""The blended training set: the paper's sampling-time mix of synthetic and original captions.
+
+The `mixed_training_set` asset is only a manifest (shards, their caption sidecars, which
+synthetic caption to use, the synthetic ratio p and a seed); nothing is copied. At sampling
+time each example takes its synthetic caption with probability p and its original alt-text
+otherwise (the paper uses p = 0.95), so the model stays usable with short, human-style prompts.
+
+The pick is a hash of (seed, epoch, key), not a draw from a random generator, so it does not
+depend on the number of ranks or workers or the order samples arrive in: every process agrees
+on every sample's caption, reruns reproduce it, and a new epoch gives a new pick.
+"""
+
+import hashlib
+import json
+import random
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+
+from ml.data.recaption import ALT_TEXT, read_sidecar
+from ml.data.sample import Sample
+from ml.data.shards import ReadStats, read_shard, write_atomic
+
+CAPTION_TYPES = ("alt", "ssc", "dsc")  # "alt" is the baseline: original captions only
+# Every value `choose_caption` returns as `which`, i.e. where a caption came from.
+SOURCES = ("synthetic", "original", "fallback_original", "fallback_synthetic", "empty")
+
+
+@dataclass
+class MixManifest:
+    """What the training loader blends. JSON on disk; the `mixed_training_set` asset.
+
+    `shards` are local paths or s3:// URIs; `sidecars[i]` is the local sidecar of `shards[i]`.
+    Relative local paths in a saved manifest are relative to its folder, so a manifest can
+    point into the asset store without machine-specific paths (and DVC hashes stay stable).
+    """
+
+    shards: list[str]
+    sidecars: list[str]
+    caption_type: str
+    synthetic_ratio: float
+    seed: int
+
+    def __post_init__(self) -> None:
+        for name in ("shards", "sidecars"):
+            value = getattr(self, name)
+            if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+                raise ValueError(f"{name} must be a list of non-empty strings, got {value!r}")
+        if not self.shards:
+            raise ValueError("shards must list at least one shard")
+        if len(self.sidecars) != len(self.shards):
+            raise ValueError(
+                f"sidecars must be parallel to shards: {len(self.sidecars)} sidecars "
+                f"for {len(self.shards)} shards"
+            )
+        if self.caption_type not in CAPTION_TYPES:
+            raise ValueError(
+                f"caption_type must be one of {CAPTION_TYPES}, got {self.caption_type!r}"
+            )
+        ratio = self.synthetic_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 <= ratio <= 1:
+            raise ValueError(f"synthetic_ratio must be a number in [0, 1], got {ratio!r}")
+        self.synthetic_ratio = float(ratio)
+        if self.caption_type == "alt" and self.synthetic_ratio != 0:
+            # Refused rather than ignored, so a sweep cannot silently train the baseline.
+            raise ValueError("synthetic_ratio must be 0 when caption_type is 'alt'")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+
+    def save(self, path: Path) -> None:
+        """Writes the manifest as JSON, atomically."""
+        text = json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+        write_atomic(Path(path), text.encode())
+
+    @classmethod
+    def load(cls, path: Path) -> "MixManifest":
+        """Reads a saved manifest, resolving relative local paths against its folder."""
+        path = Path(path)
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a manifest must be a JSON object")
+        expected = {f.name for f in fields(cls)}
+        for name in sorted(expected ^ data.keys()):
+            kind = "missing" if name in expected else "unknown"
+            raise ValueError(f"{path}: {kind} field {name!r}")
+        manifest = cls(**data)
+        manifest.shards = [_resolve(uri, path.parent) for uri in manifest.shards]
+        manifest.sidecars = [_resolve(uri, path.parent) for uri in manifest.sidecars]
+        return manifest
+
+
+def _resolve(uri: str, base: Path) -> str:
+    if uri.startswith("s3://") or Path(uri).is_absolute():
+        return uri
+    return str(base / uri)
+
+
+def uniform(seed: int, epoch: int, key: str) -> float:
+    """A uniform number in [0, 1) that depends only on (seed, epoch, key)."""
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def choose_caption(
+    key: str, epoch: int, seed: int, p: float, synthetic: str | None, original: str | None
+) -> tuple[str, str]:
+    """(caption, which): the synthetic caption with probability p, else the original.
+
+    A missing or blank caption falls back to the other one, so no example trains on an empty
+    prompt when a real one exists; `which` says so ("fallback_original" when the synthetic
+    caption was picked but blank, "fallback_synthetic" the other way round, "empty" when both
+    are blank) so the caller can count how often the blend differs from p.
+    """
+    synthetic = synthetic if synthetic and synthetic.strip() else None
+    original = original if original and original.strip() else None
+    if uniform(seed, epoch, key) < p:
+        if synthetic is not None:
+            return synthetic, "synthetic"
+        return (original, "fallback_original") if original is not None else ("", "empty")
+    if original is not None:
+        return original, "original"
+    return (synthetic, "fallback_synthetic") if synthetic is not None else ("", "empty")
+
+
+class BlendedDataset(IterableDataset):
+    """Streams (image, blended caption) examples from a manifest, each exactly once per epoch.
+
+    The epoch is split over `world_size` ranks x DataLoader workers ("slots"):
+    - at least as many shards as slots: shards go round-robin to slots in an order shuffled
+      per epoch with the seed, so each shard is read by one slot only;
+    - fewer shards than slots (toy data): every slot reads every shard and keeps sample i of the
+      j-th shard of the epoch's order when (i + j) % slots is its slot. That balances slots to
+      within one sample per shard and stays local to a shard, but each slot decodes every
+      image, so it only suits small data.
+    Slots may get unequal numbers of samples (shards differ in size), so a DDP loop must cope
+    with uneven ends (e.g. torch.distributed.algorithms.Join); nothing is padded or dropped.
+
+    Call `set_epoch` before creating each epoch's DataLoader iterator; workers copy the
+    dataset when the iterator starts, so with `persistent_workers=True` the epoch would not
+    reach them. `caption_counts` counts `caption_source` values of the current iteration in
+    this process only: each worker keeps its own copy, so the caller must sum per-worker
+    counts, most simply by counting `batch["caption_source"]`; `blend_stats` gives a whole
+    epoch's counts in one process.
+    """
+
+    def __init__(
+        self,
+        manifest: MixManifest,
+        transform: Callable[[Image.Image], Any] | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        s3: Any = None,
+    ) -> None:
+        super().__init__()
+        if (rank is None) != (world_size is None):
+            raise ValueError("give both rank and world_size, or neither")
+        if rank is None or world_size is None:
+            initialised = dist.is_available() and dist.is_initialized()
+            rank, world_size = (dist.get_rank(), dist.get_world_size()) if initialised else (0, 1)
+        if not 0 <= rank < world_size:
+            raise ValueError(
+                f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}"
+            )
+        self.manifest = manifest
+        self.transform = transform
+        self.rank = rank
+        self.world_size = world_size
+        self.s3 = s3
+        self.epoch = 0
+        self.caption_counts: Counter[str] = Counter()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.caption_counts = Counter()
+        for sample, synthetic in self._slot_samples():
+            caption, which = _choose(self.manifest, self.epoch, sample.key, synthetic, sample.text)
+            self.caption_counts[which] += 1
+            yield {
+                "key": sample.key,
+                "image": self.transform(sample.image) if self.transform else sample.image,
+                "caption": caption,
+                "caption_source": which,
+            }
+
+    def _slot_samples(self) -> Iterator[tuple[Sample, str | None]]:
+        """This slot's share of the epoch, each sample with its synthetic caption (if any)."""
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        slots = self.world_size * workers
+        slot = self.rank * workers + worker
+        order = shard_order(self.manifest, self.epoch)
+        split_shards = len(order) >= slots
+        for j, index in enumerate(order):
+            if split_shards and j % slots != slot:
+                continue
+            captions = read_sidecar(Path(self.manifest.sidecars[index]))
+            samples = read_shard(self.manifest.shards[index], ReadStats(), self.s3)
+            for i, sample in enumerate(samples):
+                if split_shards or (i + j) % slots == slot:
+                    # A key missing from the sidecar (a stale one) falls back to its alt-text.
+                    yield sample, captions.get(sample.key, {}).get(self.manifest.caption_type)
+
+
+def _choose(
+    manifest: MixManifest, epoch: int, key: str, synthetic: str | None, original: str | None
+) -> tuple[str, str]:
+    """choose_caption with the manifest's settings; the "alt" baseline has no synthetic caption."""
+    if manifest.caption_type == "alt":
+        synthetic = None
+    return choose_caption(key, epoch, manifest.seed, manifest.synthetic_ratio, synthetic, original)
+
+
+def shard_order(manifest: MixManifest, epoch: int) -> list[int]:
+    """Indices of the manifest's shards in this epoch's order: a seeded shuffle per epoch."""
+    order = list(range(len(manifest.shards)))
+    random.Random(f"{manifest.seed}/{epoch}").shuffle(order)
+    return order
+
+
+def blend_stats(manifest: MixManifest, epoch: int) -> dict[str, Any]:
+    """How one epoch blends, for the asset's metadata: a count per caption source.
+
+    Computed from the sidecars alone (no image is read): they hold every sample the shard
+    reader delivered, with its alt-text, so the counts equal what `BlendedDataset` yields.
+    """
+    counts = Counter({source: 0 for source in SOURCES})
+    for sidecar in manifest.sidecars:
+        for key, row in read_sidecar(Path(sidecar)).items():
+            _, which = _choose(manifest, epoch, key, row.get(manifest.caption_type), row[ALT_TEXT])
+            counts[which] += 1
+    samples = sum(counts.values())
+    synthetic = counts["synthetic"] + counts["fallback_synthetic"]
+    return {
+        "epoch": epoch,
+        "samples": samples,
+        **counts,
+        "synthetic_frac": round(synthetic / samples, 4) if samples else 0.0,
+    }
