@@ -29,9 +29,10 @@ $(DAGSTER_HOME)/dagster.yaml:
 	mkdir -p $(DAGSTER_HOME)
 	printf 'telemetry:\n  enabled: false\n' > $@
 
+# `dalle3 run` calls `dagster asset materialize` for the whole graph, one run per shard
+# partition where an asset is partitioned.
 run: install
-	$(BIN)/dagster asset materialize -m dalle3_dag.definitions --select '*'
-	$(BIN)/dalle3 summary
+	$(BIN)/dalle3 run --select '*' --summary
 
 test: install
 	$(BIN)/pytest

@@ -1,9 +1,57 @@
 """`dalle3`: the project's command line, for what is not a Dagster materialization."""
 
 import argparse
+import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from dalle3_dag.resources import DvcResource, MlflowResource, StorageResource
+
+DAGSTER = [str(Path(sys.executable).with_name("dagster")), "asset", "materialize",
+           "-m", "dalle3_dag.definitions"]
+
+
+def _materialize(select: str, partition: str | None = None) -> None:
+    cmd = [*DAGSTER, "--select", select, *(["--partition", partition] if partition else [])]
+    print(f"$ {' '.join(cmd[1:])}", flush=True)
+    if subprocess.run(cmd).returncode != 0:
+        raise SystemExit(f"materializing {select} {partition or ''} failed")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Materialize assets with the Dagster CLI in graph order, partitioned ones shard by shard.
+
+    `dagster asset materialize` takes one partition per run, so unpartitioned assets run
+    together and each shard partition gets its own run (`--jobs` at a time): a failed shard
+    fails alone and a rerun only redoes what is missing.
+    """
+    import dagster as dg
+
+    from dalle3_dag.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    selected = dg.AssetSelection.from_coercible(args.select).resolve(graph)
+    batch: list[str] = []
+    for key in graph.toposorted_asset_keys:
+        if key not in selected:
+            continue
+        partitions_def = graph.get(key).partitions_def
+        if partitions_def is None:
+            batch.append(key.to_user_string())
+            continue
+        if batch:
+            _materialize(",".join(batch))
+            batch = []
+        with dg.DagsterInstance.get() as instance:
+            partitions = partitions_def.get_partition_keys(dynamic_partitions_store=instance)
+        if not partitions:
+            raise SystemExit(f"{key.to_user_string()} has no partitions yet: run its upstream")
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(lambda p, k=key: _materialize(k.to_user_string(), p), partitions))
+    if batch:
+        _materialize(",".join(batch))
+    return summary(args) if args.summary else 0
 
 
 def summary(_: argparse.Namespace) -> int:
@@ -27,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dalle3", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("summary", help=summary.__doc__).set_defaults(func=summary)
+    run_parser = commands.add_parser("run", help="materialize assets, shard partitions included")
+    run_parser.add_argument("--select", default="*", help="Dagster asset selection")
+    run_parser.add_argument("--jobs", type=int, default=2, help="shard partitions at a time")
+    run_parser.add_argument("--summary", action="store_true", help="print `dalle3 summary` after")
+    run_parser.set_defaults(func=run)
     args = parser.parse_args(argv)
     return args.func(args)
 

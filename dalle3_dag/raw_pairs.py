@@ -8,6 +8,7 @@ import mlflow
 from pydantic import Field
 
 from dalle3_dag.metadata import captioned_images
+from dalle3_dag.partitions import sync_shard_partitions
 from dalle3_dag.project import build_config, load_params, merge
 from dalle3_dag.resources import DvcResource, MlflowResource, StorageResource
 from ml.data.raw_pairs import RawPairsConfig, RawPairsSummary, build_raw_pairs
@@ -74,6 +75,7 @@ def raw_pairs(
         seconds = time.perf_counter() - start
         total = sum(s.samples for s in summary.splits.values())
         out_dir = storage.asset_dir(KEY)
+        sync_shard_partitions(context.instance, summary.splits["train"].shards)
         data_hash = dvc.commit(KEY)
         mirror = storage.publish(KEY)
         mlflow.log_metrics({"samples": total, "samples_per_s": total / seconds})
