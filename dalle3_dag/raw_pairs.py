@@ -11,6 +11,7 @@ from dalle3_dag.metadata import captioned_images
 from dalle3_dag.partitions import sync_shard_partitions
 from dalle3_dag.project import build_config, load_params, merge
 from dalle3_dag.resources import DvcResource, MlflowResource, StorageResource
+from dalle3_dag.versioning import commit, tracked_run
 from ml.data.raw_pairs import RawPairsConfig, RawPairsSummary, build_raw_pairs
 
 KEY = "raw_pairs"
@@ -67,42 +68,28 @@ def raw_pairs(
     values = merge(load_params(KEY), config.model_dump())
     cfg = build_config(RawPairsConfig, values, KEY)
     s3 = storage.s3_client() if cfg.uri.startswith("s3://") else None
-    with mlflow_tracker.start_run(context) as run:
+    with tracked_run(context, mlflow_tracker, dvc):
         mlflow_tracker.log_config(cfg)
         start = time.perf_counter()
         with storage.writing(KEY) as out:
             summary, preview = build_raw_pairs(cfg, out, s3=s3)
         seconds = time.perf_counter() - start
-        total = sum(s.samples for s in summary.splits.values())
-        out_dir = storage.asset_dir(KEY)
         sync_shard_partitions(context.instance, summary.splits["train"].shards)
-        data_hash = dvc.commit(KEY)
-        mirror = storage.publish(KEY)
+        splits = summary.splits
+        total = sum(s.samples for s in splits.values())
         mlflow.log_metrics({"samples": total, "samples_per_s": total / seconds})
         mlflow.log_dict(asdict(summary), "summary.json")
-        if (out_dir / "preview.png").exists():
-            mlflow.log_artifact(str(out_dir / "preview.png"))
-        if data_hash:
-            mlflow.set_tag("dvc.hash", data_hash)
-
-    splits = summary.splits
-    metadata = {
-        "path": dg.MetadataValue.path(str(out_dir)),
-        "samples": dg.MetadataValue.int(total),
-        "samples_per_split": dg.MetadataValue.json({k: s.samples for k, s in splits.items()}),
-        "shards": dg.MetadataValue.json({k: s.shards for k, s in splits.items()}),
-        "skipped": dg.MetadataValue.json({k: s.skipped for k, s in splits.items()}),
-        "caption_words": dg.MetadataValue.json(splits["train"].caption_words),
-        "samples_per_s": dg.MetadataValue.float(round(total / seconds, 1)),
-        "preview": captioned_images([(s.image, s.text) for s in preview]),
-        "mlflow_run_id": run.info.run_id,
-    }
-    if data_hash:
-        metadata["dvc_hash"] = data_hash
-    if mirror:
-        metadata["s3_uri"] = mirror
-    version = dg.DataVersion(data_hash) if data_hash else None
-    return dg.MaterializeResult(metadata=metadata, data_version=version)
+        if preview:
+            mlflow.log_artifact(str(storage.asset_dir(KEY) / "preview.png"))
+        return commit(KEY, storage, dvc, {
+            "samples": dg.MetadataValue.int(total),
+            "samples_per_split": dg.MetadataValue.json({k: s.samples for k, s in splits.items()}),
+            "shards": dg.MetadataValue.json({k: s.shards for k, s in splits.items()}),
+            "skipped": dg.MetadataValue.json({k: s.skipped for k, s in splits.items()}),
+            "caption_words": dg.MetadataValue.json(splits["train"].caption_words),
+            "samples_per_s": dg.MetadataValue.float(round(total / seconds, 1)),
+            "preview": captioned_images([(s.image, s.text) for s in preview]),
+        })
 
 
 def _summary(storage: StorageResource) -> RawPairsSummary:
