@@ -2,12 +2,14 @@
 
 import dagster as dg
 
-from dalle3_dag import raw_pairs
+from dalle3_dag import blend, captions, raw_pairs
 from dalle3_dag.resources import DvcResource, MlflowResource, StorageResource
 
+STAGES = [raw_pairs, captions, blend]
+
 defs = dg.Definitions(
-    assets=dg.load_assets_from_modules([raw_pairs]),
-    asset_checks=dg.load_asset_checks_from_modules([raw_pairs]),
+    assets=dg.load_assets_from_modules(STAGES),
+    asset_checks=dg.load_asset_checks_from_modules(STAGES),
     resources={
         "storage": StorageResource(),
         "mlflow_tracker": MlflowResource(),

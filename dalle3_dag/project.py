@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+from pydantic import BaseModel
 
 PROJECT_DIR = Path(os.environ.get("DALLE3_PROJECT_DIR", Path(__file__).resolve().parents[1]))
 
@@ -66,3 +67,8 @@ def build_config(cls: type[T], values: dict[str, Any], where: str) -> T:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{where}: {err}") from err
+
+
+def resolve(cls: type[T], section: str, overrides: BaseModel) -> T:
+    """The `ml` config of a stage: its params.yaml section with the run config laid over it."""
+    return build_config(cls, merge(load_params(section), overrides.model_dump()), section)

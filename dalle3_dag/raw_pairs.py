@@ -9,7 +9,7 @@ from pydantic import Field
 
 from dalle3_dag.metadata import captioned_images
 from dalle3_dag.partitions import sync_shard_partitions
-from dalle3_dag.project import build_config, load_params, merge
+from dalle3_dag.project import resolve
 from dalle3_dag.resources import DvcResource, MlflowResource, StorageResource
 from dalle3_dag.versioning import commit, tracked_run
 from ml.data.raw_pairs import RawPairsConfig, RawPairsSummary, build_raw_pairs
@@ -65,8 +65,7 @@ def raw_pairs(
     mlflow_tracker: MlflowResource,
     dvc: DvcResource,
 ) -> dg.MaterializeResult:
-    values = merge(load_params(KEY), config.model_dump())
-    cfg = build_config(RawPairsConfig, values, KEY)
+    cfg = resolve(RawPairsConfig, KEY, config)
     s3 = storage.s3_client() if cfg.uri.startswith("s3://") else None
     with tracked_run(context, mlflow_tracker, dvc):
         mlflow_tracker.log_config(cfg)

@@ -104,6 +104,21 @@ class MlflowResource(dg.ConfigurableResource):
             yield run
 
     @staticmethod
+    def register(name: str, folder: Path) -> str:
+        """Log a saved model folder to the active run and register it as a new model version.
+
+        The folder is registered as it is (safetensors + JSON, loadable by our own one call);
+        no pickled MLflow flavour is involved. Returns the version number.
+        """
+        mlflow.log_artifacts(str(folder), artifact_path=name)
+        client = mlflow.MlflowClient()
+        if not client.search_registered_models(filter_string=f"name = '{name}'"):
+            client.create_registered_model(name)
+        run = mlflow.active_run()
+        source = f"{run.info.artifact_uri}/{name}"
+        return client.create_model_version(name, source, run_id=run.info.run_id).version
+
+    @staticmethod
     def log_config(cfg: Any) -> None:
         """Log a (nested) config dataclass as flat, dotted MLflow params."""
 

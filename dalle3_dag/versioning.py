@@ -1,13 +1,17 @@
 """The bookkeeping every asset shares around its `ml` call: MLflow run, DVC hash, S3 mirror."""
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
 import mlflow
 
 from dalle3_dag.resources import DvcResource, MlflowResource, StorageResource
+
+METRICS_FILE = "metrics.json"
 
 
 @contextmanager
@@ -44,3 +48,16 @@ def commit(
         metadata["s3_uri"] = mirror
     version = dg.DataVersion(data_hash) if data_hash else None
     return dg.MaterializeResult(metadata=metadata, data_version=version)
+
+
+def write_metrics(folder: Path, metrics: dict[str, float]) -> None:
+    """Held-out metrics travel with the asset folder, where its checks read them."""
+    (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True))
+
+
+def read_metrics(folder: Path) -> dict[str, float]:
+    return json.loads((folder / METRICS_FILE).read_text())
+
+
+def log_step(step: int, metrics: dict[str, float]) -> None:
+    mlflow.log_metrics(metrics, step=step)

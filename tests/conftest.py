@@ -47,6 +47,26 @@ SMALL_PARAMS = {
         "prompts_per_category": 2,
         "world": {"image_size": 32},
     },
+    "clip_encoder": {
+        "source": "toy",
+        "train": {"steps": 30, "batch_size": 32, "lr": 0.002, "warmup_steps": 5, "log_every": 10},
+    },
+    "captioner_base": {
+        "vocab_size": 256,
+        "max_new_tokens": 40,
+        "model": {"prefix_length": 2, "n_layer": 1, "n_embd": 32, "n_head": 2},
+        "train": {"steps": 20, "batch_size": 16, "lr": 0.003, "warmup_steps": 2, "log_every": 10},
+    },
+    "captioner_ssc": {
+        "max_new_tokens": 40,
+        "train": {"steps": 10, "batch_size": 16, "lr": 0.003, "warmup_steps": 2, "log_every": 5},
+    },
+    "captioner_dsc": {
+        "max_new_tokens": 40,
+        "train": {"steps": 10, "batch_size": 16, "lr": 0.003, "warmup_steps": 2, "log_every": 5},
+    },
+    "recaptioned_dataset": {"batch_size": 16, "max_new_tokens": 40},
+    "mixed_training_set": {"caption_type": "dsc", "synthetic_ratio": 0.95, "seed": 0},
 }
 
 

@@ -244,3 +244,12 @@ def blend_stats(manifest: MixManifest, epoch: int) -> dict[str, Any]:
         **counts,
         "synthetic_frac": round(synthetic / samples, 4) if samples else 0.0,
     }
+
+
+@dataclass
+class BlendConfig:
+    """The `mixed_training_set` stage's parameters (the paper's blend: 95% DSC)."""
+
+    caption_type: str = "dsc"
+    synthetic_ratio: float = 0.95
+    seed: int = 0

@@ -133,3 +133,11 @@ def build_raw_pairs(
     if preview:
         image_grid([s.image for s in preview], cols=8, scale=2).save(out_dir / "preview.png")
     return summary, preview
+
+
+def load_split(raw_dir: Path, split: str) -> list[Sample]:
+    """Every sample of one split of a `raw_pairs` folder, in shard order."""
+    folder = raw_dir / split
+    if not folder.is_dir():
+        raise FileNotFoundError(f"raw_pairs has no '{split}' split: {folder} is missing")
+    return list(read_shards(str(folder)))

@@ -183,3 +183,16 @@ def _result(
         caption_words={name: [len(t.split()) for t in values] for name, values in texts.items()},
         caption_stats={name: caption_word_stats(values) for name, values in texts.items()},
     )
+
+
+@dataclass
+class RecaptionConfig:
+    """How the `recaptioned_dataset` stage decodes: batch size and caption length cap."""
+
+    batch_size: int = 64
+    max_new_tokens: int = 80
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -1,0 +1,231 @@
+"""The caption stages: `clip_encoder`, the captioners, `recaptioned_dataset`, `mixed_training_set`.
+
+Each asset reads its params.yaml section (run config overrides single fields), calls `ml`,
+logs to MLflow and versions its folder with DVC.
+"""
+
+import dagster as dg
+import mlflow
+
+from dalle3_dag.config import TrainParams
+from dalle3_dag.metadata import captioned_images
+from dalle3_dag.project import resolve
+from dalle3_dag.resources import DvcResource, MlflowResource, StorageResource
+from dalle3_dag.versioning import commit, log_step, read_metrics, tracked_run, write_metrics
+from ml.captioner.model import Captioner
+from ml.captioner.stages import (
+    STAGES,
+    CaptionerStageConfig,
+    ImageCaptioner,
+    evaluate,
+    stage_captions,
+    train_stage,
+)
+from ml.clip import (
+    ClipConfig,
+    load_clip,
+    pairwise_preference,
+    retrieval_recall,
+    save_clip,
+    train_toy_clip,
+)
+from ml.data.raw_pairs import load_split
+from ml.viz import image_grid
+
+RAW = "raw_pairs"
+CLIP = "clip_encoder"
+MIN_PAIRWISE_PREFERENCE = 0.8
+
+
+class ClipParams(dg.Config):
+    """Overrides of params.yaml's `clip_encoder` section."""
+
+    source: str | None = None  # toy | pretrained
+    model_name: str | None = None  # pretrained: an open_clip architecture, e.g. ViT-B-32
+    checkpoint: str | None = None  # pretrained: a local weights file (never downloaded)
+    train: TrainParams | None = None
+
+
+@dg.asset(
+    key=CLIP,
+    deps=[RAW],
+    group_name="captioner",
+    kinds={"pytorch", "mlflow", "dvc"},
+    code_version="1",
+    description=(
+        "The CLIP behind the captioner's F(i) and CLIP-S, in open_clip's local-dir layout: a "
+        "pretrained open_clip checkpoint from a local path, or (toy) a small CLIP trained "
+        "contrastively on the held-out `clip` split's descriptive captions."
+    ),
+)
+def clip_encoder(
+    context: dg.AssetExecutionContext,
+    config: ClipParams,
+    storage: StorageResource,
+    mlflow_tracker: MlflowResource,
+    dvc: DvcResource,
+) -> dg.MaterializeResult:
+    cfg = resolve(ClipConfig, CLIP, config)
+    raw = storage.asset_dir(RAW)
+    with tracked_run(context, mlflow_tracker, dvc):
+        mlflow_tracker.log_config(cfg)
+        with storage.writing(CLIP) as out:
+            if cfg.source == "toy":
+                model = train_toy_clip(load_split(raw, "clip"), cfg, log=log_step)
+            else:
+                model, _, _ = load_clip(cfg)
+            save_clip(model, cfg, out)
+            # Evaluate what was saved, loaded the way users load it.
+            model, preprocess, tokenizer = load_clip(out)
+            held_out = load_split(raw, "eval")
+            recall = retrieval_recall(model, preprocess, tokenizer, held_out)
+            # MLflow metric names take no '@'
+            metrics = {name.replace("@", "_at_"): value for name, value in recall.items()}
+            metrics["pairwise_preference"] = pairwise_preference(
+                model, preprocess, tokenizer, held_out
+            )
+            write_metrics(out, metrics)
+        mlflow.log_metrics(metrics)
+        return commit(
+            CLIP,
+            storage,
+            dvc,
+            {
+                "source": cfg.source,
+                "held_out_samples": dg.MetadataValue.int(len(held_out)),
+                **{
+                    name: dg.MetadataValue.float(round(value, 4)) for name, value in metrics.items()
+                },
+            },
+        )
+
+
+@dg.asset_check(
+    asset=CLIP,
+    description=(
+        "The CLIP ranks an image's own descriptive caption above that of the same scene with "
+        f"one object recoloured, for at least {MIN_PAIRWISE_PREFERENCE:.0%} of held-out images."
+    ),
+)
+def clip_encoder_binds_attributes(storage: StorageResource) -> dg.AssetCheckResult:
+    metrics = read_metrics(storage.asset_dir(CLIP))
+    passed = (
+        metrics["pairwise_preference"] >= MIN_PAIRWISE_PREFERENCE
+        and metrics["recall_at_5"] > metrics["chance_at_5"]
+    )
+    return dg.AssetCheckResult(passed=passed, metadata=metrics)
+
+
+class CaptionerModelParams(dg.Config):
+    token_stride: int | None = None
+    prefix_length: int | None = None
+    n_layer: int | None = None
+    n_embd: int | None = None
+    n_head: int | None = None
+
+
+class CaptionerParams(dg.Config):
+    """Overrides of a captioner stage's params.yaml section."""
+
+    train: TrainParams | None = None
+    model: CaptionerModelParams | None = None
+    max_new_tokens: int | None = None
+    patch_tokens: bool | None = None
+
+
+CAPTIONER_DESCRIPTIONS = {
+    "base": "Captioner pretrained on the raw pairs' alt-text: a GPT-2-style LM prefixed with "
+    "the frozen CLIP's image features (ClipCap-style prefix, DALL·E 3 §2.1).",
+    "ssc": "Captioner fine-tuned from base on short synthetic captions (the main subject only).",
+    "dsc": "Captioner fine-tuned from base on descriptive synthetic captions: every object with "
+    "colour, size and position, the background and any rendered text.",
+}
+TRAIN_SPLIT = {"base": "train", "ssc": "labelled", "dsc": "labelled"}
+PREVIEW = 12
+
+
+def captioner_asset(stage: str) -> dg.AssetsDefinition:
+    """One of the three captioner assets; they differ only in data and starting point."""
+    key = f"captioner_{stage}"
+    deps = [RAW, CLIP] if stage == "base" else [RAW, CLIP, "captioner_base"]
+
+    @dg.asset(
+        name=key,
+        deps=deps,
+        group_name="captioner",
+        kinds={"pytorch", "transformers", "mlflow", "dvc"},
+        code_version="1",
+        description=CAPTIONER_DESCRIPTIONS[stage],
+    )
+    def _captioner(
+        context: dg.AssetExecutionContext,
+        config: CaptionerParams,
+        storage: StorageResource,
+        mlflow_tracker: MlflowResource,
+        dvc: DvcResource,
+    ) -> dg.MaterializeResult:
+        cfg = resolve(CaptionerStageConfig, key, config)
+        raw, clip_dir = storage.asset_dir(RAW), storage.asset_dir(CLIP)
+        samples = load_split(raw, TRAIN_SPLIT[stage])
+        base, corpus = None, []
+        if stage == "base":
+            if (raw / "labelled").is_dir():  # let the vocabulary cover the fine-tuning captions
+                labelled = load_split(raw, "labelled")
+                corpus = stage_captions("ssc", labelled) + stage_captions("dsc", labelled)
+        else:
+            base = Captioner.from_pretrained(storage.asset_dir("captioner_base"))
+        with tracked_run(context, mlflow_tracker, dvc):
+            mlflow_tracker.log_config(cfg)
+            mlflow.log_param("train_samples", len(samples))
+            with storage.writing(key) as out:
+                model = train_stage(stage, cfg, clip_dir, samples, base, corpus, log_step)
+                model.save_pretrained(out)
+                held_out = load_split(raw, "eval")
+                captions = ImageCaptioner(clip_dir, out, cfg.max_new_tokens)(
+                    [s.image for s in held_out]
+                )
+                metrics = evaluate(captions, held_out)
+                write_metrics(out, metrics)
+            mlflow.log_metrics(metrics)
+            examples = [(s.image, c) for s, c in zip(held_out[:PREVIEW], captions, strict=False)]
+            mlflow.log_image(image_grid([im for im, _ in examples], scale=4), "samples.png")
+            mlflow.log_dict(
+                {s.key: c for s, c in zip(held_out, captions, strict=True)}, "eval_captions.json"
+            )
+            version = mlflow_tracker.register(key, storage.asset_dir(key))
+            return commit(
+                key,
+                storage,
+                dvc,
+                {
+                    "train_samples": dg.MetadataValue.int(len(samples)),
+                    "registered_version": version,
+                    **{name: dg.MetadataValue.float(round(v, 4)) for name, v in metrics.items()},
+                    "eval_captions": captioned_images(examples),
+                },
+            )
+
+    return _captioner
+
+
+captioner_base, captioner_ssc, captioner_dsc = (captioner_asset(s) for s in STAGES)
+
+
+@dg.asset_check(
+    asset="captioner_dsc",
+    description="Descriptive captions state ShapeWorld's ground-truth attributes: recall >= 0.8 "
+    "at precision >= 0.9 on held-out images (the toy profile's target).",
+)
+def captioner_dsc_attributes(storage: StorageResource) -> dg.AssetCheckResult:
+    metrics = read_metrics(storage.asset_dir("captioner_dsc"))
+    passed = metrics["attribute_recall"] >= 0.8 and metrics["attribute_precision"] >= 0.9
+    return dg.AssetCheckResult(passed=passed, metadata=metrics)
+
+
+@dg.asset_check(
+    asset="captioner_ssc",
+    description="Short captions name the main object correctly for >= 90% of held-out images.",
+)
+def captioner_ssc_main_object(storage: StorageResource) -> dg.AssetCheckResult:
+    metrics = read_metrics(storage.asset_dir("captioner_ssc"))
+    return dg.AssetCheckResult(passed=metrics["main_object_accuracy"] >= 0.9, metadata=metrics)

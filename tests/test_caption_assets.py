@@ -1,0 +1,96 @@
+"""In-process materialization of the caption stages on a tiny toy profile."""
+
+import dagster as dg
+import mlflow
+import pyarrow.parquet as pq
+import pytest
+
+from dalle3_dag import blend, captions, raw_pairs
+from dalle3_dag.partitions import SHARDS
+from ml.data.mixed import BlendedDataset, MixManifest
+
+MODULES = [raw_pairs, captions, blend]
+ASSETS = dg.load_assets_from_modules(MODULES)
+CHECKS = dg.load_asset_checks_from_modules(MODULES)
+UNPARTITIONED = ["raw_pairs", "clip_encoder", "captioner_base", "captioner_ssc", "captioner_dsc"]
+
+
+def materialize(project, instance, select, partition_key=None, run_config=None):
+    return dg.materialize(
+        [*ASSETS, *CHECKS],
+        selection=select,
+        resources=project.resources,
+        instance=instance,
+        partition_key=partition_key,
+        run_config=run_config or {},
+    )
+
+
+@pytest.fixture
+def instance():
+    with dg.DagsterInstance.ephemeral() as instance:
+        yield instance
+
+
+def test_caption_graph_end_to_end(project, instance):
+    result = materialize(project, instance, UNPARTITIONED)
+    assert result.success
+
+    # CLIP: saved so open_clip's local-dir loader takes it, and evaluated on held-out images
+    import open_clip
+
+    clip_dir = project.storage.asset_dir("clip_encoder")
+    open_clip.create_model_and_transforms(f"local-dir:{clip_dir}")
+    (clip_event,) = result.asset_materializations_for_node("clip_encoder")
+    assert clip_event.metadata["recall_at_5"].value > 0
+
+    # captioners: each one a finished MLflow run and a registered model version
+    mlflow.set_tracking_uri(project.mlflow.resolved_uri())
+    client = mlflow.MlflowClient()
+    for stage in ("base", "ssc", "dsc"):
+        (event,) = result.asset_materializations_for_node(f"captioner_{stage}")
+        run = mlflow.get_run(event.metadata["mlflow_run_id"].value)
+        assert run.info.status == "FINISHED"
+        assert "loss" in run.data.metrics
+        assert run.data.tags["dvc.input.clip_encoder"] == project.dvc.out_hash("clip_encoder")
+        assert client.get_model_version(f"captioner_{stage}", "1").run_id == run.info.run_id
+
+    # one partition per training shard, each with one row per key
+    shards = sorted(instance.get_dynamic_partitions(SHARDS.name))
+    assert shards == ["00000", "00001"]
+    for shard in shards:
+        assert materialize(project, instance, ["recaptioned_dataset"], shard).success
+        table = pq.read_table(project.storage.asset_dir("recaptioned_dataset") / f"{shard}.parquet")
+        keys = table.column("__key__").to_pylist()
+        assert len(keys) == len(set(keys)) == 32
+        assert set(table.column_names) >= {"alt_text", "ssc", "dsc", "captioner_version"}
+
+    # a rerun of a complete partition resumes from its sidecar instead of recaptioning
+    rerun = materialize(project, instance, ["recaptioned_dataset"], "00000")
+    (event,) = rerun.asset_materializations_for_node("recaptioned_dataset")
+    assert event.metadata["resumed_from_existing_sidecar"].value is True
+
+    blend_result = materialize(project, instance, ["mixed_training_set"])
+    assert blend_result.success
+    (check,) = blend_result.get_asset_check_evaluations()
+    blend = check.metadata
+    # a tiny, barely trained captioner writes some empty captions: they fall back and count
+    sources = ("synthetic", "original", "fallback_original", "fallback_synthetic", "empty")
+    assert sum(blend[name].value for name in sources) == blend["samples"].value == 64
+    assert blend["synthetic"].value > blend["original"].value  # p = 0.95
+    manifest = MixManifest.load(project.storage.asset_dir("mixed_training_set") / "manifest.json")
+    assert manifest.synthetic_ratio == 0.95 and len(manifest.shards) == 2
+    seen = [row["key"] for row in BlendedDataset(manifest)]
+    assert len(seen) == len(set(seen)) == 64
+
+
+def test_pretrained_clip_with_missing_checkpoint_names_the_path(project, instance, tmp_path):
+    assert materialize(project, instance, ["raw_pairs"]).success
+    missing = tmp_path / "ViT-B-32.safetensors"
+    config = {"source": "pretrained", "model_name": "ViT-B-32", "checkpoint": str(missing)}
+    result = dg.materialize(
+        [*ASSETS], selection=["clip_encoder"], resources=project.resources, instance=instance,
+        run_config={"ops": {"clip_encoder": {"config": config}}}, raise_on_error=False,
+    )
+    assert not result.success
+    assert str(missing) in str(result.failure_data_for_node("clip_encoder").error)
