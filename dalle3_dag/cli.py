@@ -8,8 +8,13 @@ from pathlib import Path
 
 from dalle3_dag.resources import DvcResource, MlflowResource, StorageResource
 
-DAGSTER = [str(Path(sys.executable).with_name("dagster")), "asset", "materialize",
-           "-m", "dalle3_dag.definitions"]
+DAGSTER = [
+    str(Path(sys.executable).with_name("dagster")),
+    "asset",
+    "materialize",
+    "-m",
+    "dalle3_dag.definitions",
+]
 
 
 def _materialize(select: str, partition: str | None = None) -> None:
@@ -66,8 +71,36 @@ def summary(_: argparse.Namespace) -> int:
         shown = str(path) if path.exists() else "(not materialized)"
         print(f"{key:24} {spec.group_name or '':10} {dvc.out_hash(key) or '-':38} {shown}")
     print(f"\nMLflow tracking: {MlflowResource().resolved_uri()}")
-    print("UIs: `make ui`, then Dagster at http://127.0.0.1:3000 and MLflow at http://127.0.0.1:5000")
+    print(
+        "UIs: `make ui`, then Dagster at http://127.0.0.1:3000 and MLflow at http://127.0.0.1:5000"
+    )
     print("Versions: `dvc status` (should be clean), `dvc push` to send assets to the remote")
+    return 0
+
+
+def caption(args: argparse.Namespace) -> int:
+    """Print the SSC and DSC captions of image files, with the materialized captioners."""
+    from PIL import Image
+
+    from ml.captioner.stages import ImageCaptioner
+
+    storage = StorageResource()
+    needed = ["clip_encoder", "captioner_ssc", "captioner_dsc"]
+    missing = [key for key in needed if not storage.asset_dir(key).exists()]
+    if missing:
+        raise SystemExit(f"not materialized yet: {', '.join(missing)} (run `make run`)")
+    images = []
+    for path in args.images:
+        try:
+            images.append(Image.open(path).convert("RGB"))
+        except OSError as err:
+            raise SystemExit(f"cannot read image {path}: {err}") from err
+    for stage in ("ssc", "dsc"):
+        captioner = ImageCaptioner(
+            storage.asset_dir("clip_encoder"), storage.asset_dir(f"captioner_{stage}")
+        )
+        for path, text in zip(args.images, captioner(images), strict=True):
+            print(f"{path}\t{stage}\t{text}")
     return 0
 
 
@@ -75,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dalle3", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("summary", help=summary.__doc__).set_defaults(func=summary)
+    caption_parser = commands.add_parser("caption", help=caption.__doc__)
+    caption_parser.add_argument("images", nargs="+", help="image files")
+    caption_parser.set_defaults(func=caption)
     run_parser = commands.add_parser("run", help="materialize assets, shard partitions included")
     run_parser.add_argument("--select", default="*", help="Dagster asset selection")
     run_parser.add_argument("--jobs", type=int, default=2, help="shard partitions at a time")

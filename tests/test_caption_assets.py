@@ -1,5 +1,9 @@
 """In-process materialization of the caption stages on a tiny toy profile."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import dagster as dg
 import mlflow
 import pyarrow.parquet as pq
@@ -8,6 +12,7 @@ import pytest
 from dalle3_dag import blend, captions, raw_pairs
 from dalle3_dag.partitions import SHARDS
 from ml.data.mixed import BlendedDataset, MixManifest
+from ml.data.shapeworld import ShapeWorldConfig, generate
 
 MODULES = [raw_pairs, captions, blend]
 ASSETS = dg.load_assets_from_modules(MODULES)
@@ -32,7 +37,18 @@ def instance():
         yield instance
 
 
-def test_caption_graph_end_to_end(project, instance):
+def dalle3(project, *args: str) -> subprocess.CompletedProcess:
+    cli = Path(sys.executable).with_name("dalle3")
+    return subprocess.run([str(cli), *args], env=project.env(), capture_output=True, text=True)
+
+
+def test_caption_cli_without_models_says_what_is_missing(project, tmp_path):
+    proc = dalle3(project, "caption", str(tmp_path / "any.png"))
+    assert proc.returncode != 0
+    assert "not materialized yet: clip_encoder" in proc.stderr
+
+
+def test_caption_graph_end_to_end(project, instance, tmp_path):
     result = materialize(project, instance, UNPARTITIONED)
     assert result.success
 
@@ -54,6 +70,12 @@ def test_caption_graph_end_to_end(project, instance):
         assert "loss" in run.data.metrics
         assert run.data.tags["dvc.input.clip_encoder"] == project.dvc.out_hash("clip_encoder")
         assert client.get_model_version(f"captioner_{stage}", "1").run_id == run.info.run_id
+
+    # the captioners caption image files from the command line
+    image = tmp_path / "scene.png"
+    next(iter(generate(1, seed=3, cfg=ShapeWorldConfig(), split="cli"))).image.save(image)
+    lines = dalle3(project, "caption", str(image)).stdout.strip().splitlines()
+    assert [line.split("\t")[:2] for line in lines] == [[str(image), "ssc"], [str(image), "dsc"]]
 
     # one partition per training shard, each with one row per key
     shards = sorted(instance.get_dynamic_partitions(SHARDS.name))
