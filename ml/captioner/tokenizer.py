@@ -1,0 +1,34 @@
+"""An offline caption tokenizer, trained on the captions themselves.
+
+Model hubs are unreachable, so instead of GPT-2's vocabulary the captioner gets a small
+byte-level BPE learned from its own training text. Byte-level means any string encodes
+(no unknown tokens, even for web junk like "IMG_0423.jpg") and decodes back exactly, case
+included, so captions keep their capitals and quoted words.
+"""
+
+from collections.abc import Iterable
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+
+
+def train_tokenizer(corpus: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """A byte-level BPE with bos/eos/pad tokens, learned from `corpus`.
+
+    It adds no special tokens on its own: the captioner frames each caption as bos ... eos.
+    """
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=PAD
+    )

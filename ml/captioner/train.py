@@ -1,0 +1,92 @@
+"""Maximum-likelihood training of the captioner on (CLIP features, caption) pairs.
+
+The same function serves the three trainings of the paper: pretraining on alt-text and the
+two fine-tunes (short and descriptive captions), which differ only in their captions, the
+starting weights and the step budget.
+"""
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+from ml.captioner.model import Captioner
+from ml.train import TrainConfig, train
+
+IGNORE = -100  # cross_entropy's ignore_index
+
+
+@dataclass
+class CaptionBatch:
+    features: torch.Tensor  # (batch, feature_dim)
+    input_ids: torch.Tensor  # (batch, length): bos, caption, eos, then pad
+    attention_mask: torch.Tensor  # (batch, length)
+    # (batch, condition_length + length), aligned with the LM's whole input as in transformers:
+    # IGNORE on the image prefix, on bos and on padding, the token id elsewhere.
+    labels: torch.Tensor
+
+
+def make_batch(model: Captioner, features: torch.Tensor, captions: Sequence[str]) -> CaptionBatch:
+    """Frames each caption as bos ... eos, right-padded to the longest, cut to the LM's length."""
+    tok = model.tokenizer
+    limit = model.config.max_caption_tokens - 2
+    rows = [
+        [tok.bos_token_id, *tok(c, add_special_tokens=False).input_ids[:limit], tok.eos_token_id]
+        for c in captions
+    ]
+    length = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), length), tok.pad_token_id)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        attention_mask[i, : len(row)] = 1
+    caption_labels = input_ids.masked_fill(attention_mask == 0, IGNORE)
+    caption_labels[:, 0] = IGNORE  # bos always follows the prefix: nothing to learn
+    prefix_labels = torch.full((len(rows), model.config.condition_length), IGNORE)
+    labels = torch.cat([prefix_labels, caption_labels], dim=1)
+    return CaptionBatch(features, input_ids, attention_mask, labels)
+
+
+def caption_loss(model: Captioner, batch: CaptionBatch) -> torch.Tensor:
+    """Mean token cross-entropy over caption tokens (and eos) only.
+
+    The logits are computed at caption positions alone and compared with the labels from
+    the caption onwards, so whatever sits at the prefix positions can never enter the loss.
+    """
+    logits = model(batch.features, batch.input_ids, batch.attention_mask)
+    targets = batch.labels[:, model.config.condition_length + 1 :]
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+
+
+def _batches(
+    model: Captioner, features: torch.Tensor, captions: list[str], batch_size: int, seed: int
+) -> Iterator[CaptionBatch]:
+    """Endless shuffled epochs, reshuffled with a seeded generator each time."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(captions), generator=generator).tolist()
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            chosen = order[start : start + batch_size]
+            yield make_batch(model, features[chosen], [captions[i] for i in chosen])
+
+
+def train_captioner(
+    model: Captioner,
+    features: torch.Tensor,
+    captions: Sequence[str],
+    cfg: TrainConfig,
+    log: Callable[[int, dict[str, float]], None] = lambda step, metrics: None,
+) -> list[float]:
+    """Teacher-forced training on the pairs whose caption is not empty; returns logged losses.
+
+    Empty alt-texts carry nothing to learn, and would only teach the model to stop at once.
+    """
+    kept = [i for i, caption in enumerate(captions) if caption.strip()]
+    if len(kept) < cfg.batch_size:
+        raise ValueError(
+            f"{len(kept)} non-empty captions, fewer than one batch of {cfg.batch_size}"
+        )
+    torch.manual_seed(cfg.seed)
+    batches = _batches(model, features[kept], [captions[i] for i in kept], cfg.batch_size, cfg.seed)
+    return train(model, batches, lambda batch: caption_loss(model, batch), cfg, log)
