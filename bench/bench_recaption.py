@@ -17,6 +17,7 @@ import torch
 from ml.captioner.features import clip_features
 from ml.captioner.generate import generate_captions
 from ml.captioner.model import Captioner, CaptionerConfig
+from ml.captioner.stages import fit_to_clip
 from ml.captioner.tokenizer import train_tokenizer
 from ml.captioner.train import train_captioner
 from ml.clip import ClipConfig, build_toy_clip, load_clip, toy_transforms
@@ -39,8 +40,9 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def standalone_captioner(features: torch.Tensor, captions: list[str], steps: int) -> Captioner:
-    config = CaptionerConfig(token_grid=3, token_dim=ClipConfig().vision_width)
+def standalone_captioner(
+    config: CaptionerConfig, features: torch.Tensor, captions: list[str], steps: int
+) -> Captioner:
     model = Captioner(config, train_tokenizer(captions))
     cfg = TrainConfig(steps=steps, batch_size=32, lr=2e-3, warmup_steps=10, log_every=steps)
     train_captioner(model, features, captions, cfg)
@@ -64,11 +66,13 @@ def main() -> None:
         clip_cfg = ClipConfig()
         clip, preprocess = build_toy_clip(clip_cfg), toy_transforms(clip_cfg)[0]
         labelled = list(generate(1024, 0, ShapeWorldConfig(), "labelled"))
-        train_features = clip_features(clip, preprocess, [s.image for s in labelled], token_grid=3)
+        config = fit_to_clip(CaptionerConfig(), clip, preprocess, patch_tokens=True)
+        train_features = clip_features(clip, preprocess, [s.image for s in labelled])
         captions = [s.meta["descriptive_caption"] for s in labelled]
-        model = standalone_captioner(train_features, captions, args.train_steps)
+        model = standalone_captioner(config, train_features, captions, args.train_steps)
     samples = list(generate(args.images, 0, ShapeWorldConfig(), "eval"))
-    features = clip_features(clip, preprocess, [s.image for s in samples], model.config.token_grid)
+    patch_tokens = model.config.token_grid > 0
+    features = clip_features(clip, preprocess, [s.image for s in samples], patch_tokens)
     generate_captions(model, features[:2], args.max_new_tokens)  # warm-up
 
     def batched() -> list[str]:

@@ -54,7 +54,7 @@ def stage_captions(stage: str, samples: Sequence[Sample]) -> list[str]:
     return [s.meta[CAPTION_FIELDS[stage]] for s in samples]
 
 
-def _fit_to_clip(
+def fit_to_clip(
     model_cfg: CaptionerConfig, clip: open_clip.CLIP, preprocess: Preprocess, patch_tokens: bool
 ) -> CaptionerConfig:
     """The captioner's input widths, read off the CLIP itself, whatever its architecture."""
@@ -80,7 +80,7 @@ def train_stage(
     captions = stage_captions(stage, samples)
     clip, preprocess, _ = load_clip(clip_dir)
     if stage == "base":
-        model_cfg = _fit_to_clip(cfg.model, clip, preprocess, cfg.patch_tokens)
+        model_cfg = fit_to_clip(cfg.model, clip, preprocess, cfg.patch_tokens)
         tokenizer = train_tokenizer([*captions, *tokenizer_corpus], cfg.vocab_size)
         torch.manual_seed(cfg.train.seed)
         model = Captioner(model_cfg, tokenizer)
