@@ -26,8 +26,9 @@ def test_cli_materialize_versions_tracks_and_reproduces(project, s3_server):
     data_hash = project.dvc.out_hash("raw_pairs")
     assert data_hash
 
-    # DVC agrees nothing is stale, and the hash is the Dagster data version
-    assert "up to date" in run([sys.executable, "-m", "dvc", "status"], project)
+    # DVC agrees the stage is not stale, and the hash is the Dagster data version
+    status = run([sys.executable, "-m", "dvc", "status", "raw_pairs"], project)
+    assert "up to date" in status, status
     os.environ["DAGSTER_HOME"] = str(project.root / ".dagster")
     with dg.DagsterInstance.get() as instance:
         event = instance.get_latest_materialization_event(dg.AssetKey("raw_pairs"))
