@@ -104,6 +104,38 @@ def caption(args: argparse.Namespace) -> int:
     return 0
 
 
+MODELS = {"distilled": ("distilled_model", 2), "teacher": ("diffusion_model", 25)}
+
+
+def generate(args: argparse.Namespace) -> int:
+    """Write a grid of K images for one prompt, sampled with a materialized model."""
+    import torch
+
+    from ml.diffusion.pipeline import TextToImagePipeline
+    from ml.viz import image_grid
+
+    key, default_steps = MODELS[args.model]
+    folder = StorageResource().asset_dir(key)
+    if not (folder / "model_index.json").is_file():
+        raise SystemExit(
+            f"no {args.model} model materialized at {folder}: run `make run` "
+            f"(or `dalle3 run --select +{key}`)"
+        )
+    if args.n < 1:
+        raise SystemExit(f"-n must be at least 1, got {args.n}")
+    steps = args.steps or default_steps
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe = TextToImagePipeline.from_pretrained(folder).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe([args.prompt] * args.n, steps, args.guidance, seed=args.seed)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(images, cols=min(args.n, 8), scale=4).save(args.out)
+    version = DvcResource().out_hash(key) or "not versioned"
+    print(f"model: {key} at {folder} (dvc {version}), {steps} steps, guidance {args.guidance}")
+    print(f"wrote {args.n} image(s) for {args.prompt!r} (seed {args.seed}) to {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dalle3", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -111,6 +143,15 @@ def main(argv: list[str] | None = None) -> int:
     caption_parser = commands.add_parser("caption", help=caption.__doc__)
     caption_parser.add_argument("images", nargs="+", help="image files")
     caption_parser.set_defaults(func=caption)
+    gen = commands.add_parser("generate", help=generate.__doc__)
+    gen.add_argument("prompt")
+    gen.add_argument("--model", choices=sorted(MODELS), default="distilled")
+    gen.add_argument("--steps", type=int, help="sampling steps (default: 2 distilled, 25 teacher)")
+    gen.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("-n", type=int, default=4, help="images in the grid")
+    gen.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    gen.set_defaults(func=generate)
     run_parser = commands.add_parser("run", help="materialize assets, shard partitions included")
     run_parser.add_argument("--select", default="*", help="Dagster asset selection")
     run_parser.add_argument("--jobs", type=int, default=2, help="shard partitions at a time")

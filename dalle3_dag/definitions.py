@@ -2,10 +2,10 @@
 
 import dagster as dg
 
-from dalle3_dag import blend, captions, raw_pairs
+from dalle3_dag import blend, captions, diffusion, raw_pairs
 from dalle3_dag.resources import DvcResource, MlflowResource, StorageResource
 
-STAGES = [raw_pairs, captions, blend]
+STAGES = [raw_pairs, captions, blend, diffusion]
 
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules(STAGES),

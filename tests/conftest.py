@@ -67,6 +67,32 @@ SMALL_PARAMS = {
     },
     "recaptioned_dataset": {"batch_size": 16, "max_new_tokens": 40},
     "mixed_training_set": {"caption_type": "dsc", "synthetic_ratio": 0.95, "seed": 0},
+    "diffusion_model": {
+        "image_size": 16,
+        "text_dim": 32,
+        "text_layers": 1,
+        "text_heads": 2,
+        "text_ff_dim": 64,
+        "max_text_length": 64,
+        "block_out_channels": [8, 16],
+        "attention_head_dim": 4,
+        "norm_num_groups": 4,
+        "num_train_timesteps": 100,
+        "steps": 4,
+        "batch_size": 4,
+        "warmup_steps": 1,
+        "log_every": 2,
+        "checkpoint_every": 2,
+        "sample_every": 4,
+    },
+    "distilled_model": {
+        "steps": 2,
+        "batch_size": 4,
+        "num_ddim_timesteps": 10,
+        "guidance_embedding_dim": 8,
+        "log_every": 1,
+    },
+    "prompt_following": {"prompts": 9, "teacher_steps": 3, "student_steps": 2},
 }
 
 

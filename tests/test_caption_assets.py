@@ -1,4 +1,5 @@
-"""In-process materialization of the caption stages on a tiny toy profile."""
+"""In-process materialization of the whole graph on a tiny toy profile: the caption stages, then
+the text-to-image models that learn from their captions."""
 
 import subprocess
 import sys
@@ -9,12 +10,12 @@ import mlflow
 import pyarrow.parquet as pq
 import pytest
 
-from dalle3_dag import blend, captions, raw_pairs
+from dalle3_dag import blend, captions, diffusion, raw_pairs
 from dalle3_dag.partitions import SHARDS
 from ml.data.mixed import BlendedDataset, MixManifest
 from ml.data.shapeworld import ShapeWorldConfig, generate
 
-MODULES = [raw_pairs, captions, blend]
+MODULES = [raw_pairs, captions, blend, diffusion]
 ASSETS = dg.load_assets_from_modules(MODULES)
 CHECKS = dg.load_asset_checks_from_modules(MODULES)
 UNPARTITIONED = ["raw_pairs", "clip_encoder", "captioner_base", "captioner_ssc", "captioner_dsc"]
@@ -48,7 +49,14 @@ def test_caption_cli_without_models_says_what_is_missing(project, tmp_path):
     assert "not materialized yet: clip_encoder" in proc.stderr
 
 
-def test_caption_graph_end_to_end(project, instance, tmp_path):
+def test_generate_cli_without_a_model_says_what_to_run(project, tmp_path):
+    proc = dalle3(project, "generate", "a red circle", "--out", str(tmp_path / "grid.png"))
+    assert proc.returncode != 0
+    assert "no distilled model materialized" in proc.stderr and "make run" in proc.stderr
+    assert not (tmp_path / "grid.png").exists()
+
+
+def test_whole_graph_end_to_end(project, instance, tmp_path):
     result = materialize(project, instance, UNPARTITIONED)
     assert result.success
 
@@ -105,14 +113,64 @@ def test_caption_graph_end_to_end(project, instance, tmp_path):
     seen = [row["key"] for row in BlendedDataset(manifest)]
     assert len(seen) == len(set(seen)) == 64
 
+    # text to image: the diffusion model learns from the blend, the student from the teacher
+    t2i = materialize(project, instance, ["diffusion_model", "distilled_model"])
+    assert t2i.success
+    for key in ("diffusion_model", "distilled_model"):
+        folder = project.storage.asset_dir(key)
+        assert {"model_index.json", "unet", "text_encoder", "tokenizer", "scheduler"} <= {
+            p.name for p in folder.iterdir()
+        }
+        (event,) = t2i.asset_materializations_for_node(key)
+        assert 0 <= event.metadata["color_accuracy"].value <= 1
+        run = mlflow.get_run(event.metadata["mlflow_run_id"].value)
+        assert run.info.status == "FINISHED" and "loss" in run.data.metrics
+        assert event.metadata["dvc_hash"].value == project.dvc.out_hash(key)
+    checkpoints = project.storage.asset_dir(".checkpoints") / "diffusion_model"
+    (run_dir,) = checkpoints.iterdir()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    # a rerun with the same config and data resumes from the finished run's last checkpoint
+    rerun = materialize(project, instance, ["diffusion_model"])
+    (event,) = rerun.asset_materializations_for_node("diffusion_model")
+    assert event.metadata["resumed_from_step"].value == 4
+
+    grid = tmp_path / "grid.png"
+    proc = dalle3(project, "generate", "a red circle", "-n", "3", "--seed", "5", "--out", str(grid))
+    assert proc.returncode == 0, proc.stderr
+    assert "distilled_model" in proc.stdout and "2 steps" in proc.stdout
+    first = grid.read_bytes()
+    assert (
+        dalle3(
+            project, "generate", "a red circle", "-n", "3", "--seed", "5", "--out", str(grid)
+        ).returncode
+        == 0
+    )
+    assert grid.read_bytes() == first  # the same seed draws the same grid
+    teacher = dalle3(
+        project,
+        "generate",
+        "a red circle",
+        "--model",
+        "teacher",
+        "--steps",
+        "3",
+        "--out",
+        str(tmp_path / "teacher.png"),
+    )
+    assert teacher.returncode == 0 and "diffusion_model" in teacher.stdout
+
 
 def test_pretrained_clip_with_missing_checkpoint_names_the_path(project, instance, tmp_path):
     assert materialize(project, instance, ["raw_pairs"]).success
     missing = tmp_path / "ViT-B-32.safetensors"
     config = {"source": "pretrained", "model_name": "ViT-B-32", "checkpoint": str(missing)}
     result = dg.materialize(
-        [*ASSETS], selection=["clip_encoder"], resources=project.resources, instance=instance,
-        run_config={"ops": {"clip_encoder": {"config": config}}}, raise_on_error=False,
+        [*ASSETS],
+        selection=["clip_encoder"],
+        resources=project.resources,
+        instance=instance,
+        run_config={"ops": {"clip_encoder": {"config": config}}},
+        raise_on_error=False,
     )
     assert not result.success
     assert str(missing) in str(result.failure_data_for_node("clip_encoder").error)

@@ -1,0 +1,328 @@
+"""The text-to-image model as a diffusers pipeline: T5 encoder -> U-Net denoiser (-> VAE decoder).
+
+Saved in diffusers' layout (`model_index.json`, `unet/`, `text_encoder/`, `tokenizer/`,
+`scheduler/`, and `vae/` for latent diffusion), so diffusers and transformers tooling read it
+unchanged. The saved `unet/` (and `text_encoder/` when it trained) hold the EMA weights, which
+are what the paper samples with.
+
+The two calls every sampler and trainer shares are module-level functions, `encode_prompts`
+and `predict_noise`, so a distillation stage (a 2-step consistency student) can reuse them
+with its own scheduler.
+"""
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    LCMScheduler,
+    UNet2DConditionModel,
+)
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from PIL import Image
+from tokenizers import processors
+from transformers import (
+    AutoTokenizer,
+    ByT5Tokenizer,
+    PreTrainedTokenizerBase,
+    T5Config,
+    T5EncoderModel,
+)
+
+from ml.captioner.tokenizer import train_tokenizer
+from ml.diffusion.config import DiffusionConfig
+
+# Samplers over the training noise schedule. DDIM and DPM-Solver are deterministic (no noise
+# per step) and serve a diffusion model; "lcm" is the multistep consistency sampler of a
+# distilled model (`ml.diffusion.distill`), which re-noises between its few steps.
+SAMPLERS: dict[str, type[SchedulerMixin]] = {
+    "ddim": DDIMScheduler,
+    "dpm": DPMSolverMultistepScheduler,
+    "lcm": LCMScheduler,
+}
+
+
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase, text_encoder: T5EncoderModel, prompts: Sequence[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden states, attention mask) of the prompts, padded to the longest one.
+
+    The mask goes on to the U-Net's cross-attention, so padding never conditions the image and
+    a prompt's embedding does not depend on what else is in its batch. Prompts longer than
+    the tokenizer's `model_max_length` are cut.
+    """
+    tokens = tokenizer(
+        list(prompts),
+        padding="longest",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    device = next(text_encoder.parameters()).device  # also works through a DDP wrapper
+    mask = tokens.attention_mask.to(device)
+    states = text_encoder(input_ids=tokens.input_ids.to(device), attention_mask=mask)
+    return states.last_hidden_state, mask
+
+
+def guidance_embedding(guidance_scale: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal features of each sample's guidance scale, (batch, dim): how a distilled model
+    is told the classifier-free guidance it should imitate in a single evaluation (LCM, after
+    VDM's embedding; scaled by 1000 like a timestep)."""
+    half = dim // 2
+    frequencies = torch.exp(-torch.log(torch.tensor(10000.0)) * torch.arange(half) / (half - 1))
+    angles = 1000.0 * guidance_scale.float().cpu()[:, None] * frequencies[None, :]
+    embedding = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    return torch.nn.functional.pad(embedding, (0, dim % 2)).to(guidance_scale.device)
+
+
+def predict_noise(
+    unet: UNet2DConditionModel,
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    text_states: torch.Tensor,
+    text_mask: torch.Tensor,
+    guidance: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The U-Net's output for noisy `latents` at `timesteps`: the noise, or v for
+    `prediction_type="v_prediction"`, as the scheduler's config says.
+
+    The prompt conditions the U-Net twice, as in Imagen: token by token through
+    cross-attention, and as the masked mean of its token states added to the timestep
+    embedding (diffusers' "projection" class embedding), a global path that learns fast.
+    A distilled U-Net (one with `time_cond_proj_dim`) also takes each sample's `guidance`
+    scale, embedded into its timestep embedding.
+    """
+    mask = text_mask.unsqueeze(-1).to(text_states.dtype)
+    pooled = (text_states * mask).sum(dim=1) / mask.sum(dim=1)
+    guidance_dim = unet.config.time_cond_proj_dim
+    if (guidance is None) != (guidance_dim is None):
+        raise ValueError("pass a guidance scale exactly when the U-Net is a distilled one")
+    condition = None if guidance is None else guidance_embedding(guidance, guidance_dim)
+    return unet(
+        latents,
+        timesteps,
+        encoder_hidden_states=text_states,
+        encoder_attention_mask=text_mask,
+        class_labels=pooled,
+        timestep_cond=None if condition is None else condition.to(latents.dtype),
+    ).sample
+
+
+def guided(prediction: torch.Tensor, guidance_scale: float | torch.Tensor) -> torch.Tensor:
+    """Classifier-free guidance on a batch stacked as [unconditional; conditional]; the scale
+    may be a tensor that broadcasts over one half (one scale per sample)."""
+    unconditional, conditional = prediction.chunk(2)
+    return unconditional + guidance_scale * (conditional - unconditional)
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """A (batch, 3, h, w) tensor in [-1, 1] as PIL images."""
+    pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return [Image.fromarray(p.permute(1, 2, 0).cpu().numpy()) for p in pixels]
+
+
+class TextToImagePipeline(DiffusionPipeline):
+    """T5-conditioned U-Net diffusion in pixel space, or in a VAE's latent space when `vae` is set.
+
+    `scheduler` is the training noise schedule (DDPM); sampling builds DDIM or DPM-Solver from
+    its config, so one saved model serves every sampler. A consistency-distilled model (its
+    U-Net takes a guidance embedding) samples with the LCM scheduler in a few steps and gets
+    guidance in its single U-Net call per step instead of a second, unconditional one.
+    """
+
+    _optional_components = ["vae"]
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        text_encoder: T5EncoderModel,
+        tokenizer: PreTrainedTokenizerBase,
+        scheduler: SchedulerMixin,
+        vae: AutoencoderKL | None = None,
+    ) -> None:
+        super().__init__()
+        self.register_modules(
+            unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler, vae=vae
+        )
+
+    def encode_images(
+        self, pixels: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Pixels in [-1, 1] -> what the U-Net denoises: the scaled VAE latents, or the pixels."""
+        if self.vae is None:
+            return pixels
+        posterior = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+        return posterior.sample(generator) * self.vae.config.scaling_factor
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The inverse of `encode_images`: pixels in [-1, 1] (unclamped)."""
+        if self.vae is None:
+            return latents
+        return self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompts: str | Sequence[str],
+        num_inference_steps: int = 25,
+        guidance_scale: float = 3.0,
+        seed: int = 0,
+        generator: torch.Generator | None = None,
+        sampler: str | None = None,
+    ) -> list[Image.Image]:
+        """One image per prompt.
+
+        The noise is drawn on the CPU from `generator` (default: seeded with `seed`), so a
+        seed gives the same images on any device; image i depends on the seed and its place in
+        the batch. Guidance uses the empty prompt's embedding, which caption dropout trained;
+        `guidance_scale=1` turns it off. `sampler` defaults to "lcm" for a distilled model
+        and "ddim" otherwise.
+        """
+        distilled = self.is_distilled
+        sampler = sampler or ("lcm" if distilled else "ddim")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
+        if distilled != (sampler == "lcm"):
+            raise ValueError(
+                f"sampler {sampler!r} does not fit a {'' if distilled else 'non-'}"
+                "distilled model; distilled models sample with 'lcm'"
+            )
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        generator = generator if generator is not None else torch.Generator().manual_seed(seed)
+        scheduler = SAMPLERS[sampler].from_config(self.scheduler.config)
+        scheduler.set_timesteps(num_inference_steps, device=self.device)
+        use_guidance = guidance_scale != 1.0 and not distilled
+        guidance = None
+        if distilled:
+            guidance = torch.full((len(prompts),), float(guidance_scale), device=self.device)
+        texts = [""] * len(prompts) + prompts if use_guidance else prompts
+        text_states, text_mask = encode_prompts(self.tokenizer, self.text_encoder, texts)
+        text_states = text_states.to(self.unet.dtype)
+
+        config = self.unet.config
+        shape = (len(prompts), config.in_channels, config.sample_size, config.sample_size)
+        latents = torch.randn(shape, generator=generator).to(self.device, self.unet.dtype)
+        latents = latents * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            model_input = torch.cat([latents] * 2) if use_guidance else latents
+            model_input = scheduler.scale_model_input(model_input, t)
+            prediction = predict_noise(self.unet, model_input, t, text_states, text_mask, guidance)
+            if use_guidance:
+                prediction = guided(prediction, guidance_scale)
+            latents = scheduler.step(prediction, t, latents, generator=generator).prev_sample
+        return to_pil(self.decode_latents(latents))
+
+    @property
+    def image_size(self) -> int:
+        """The side of the images in pixels (the U-Net's side times the VAE's downsampling)."""
+        if self.vae is None:
+            return self.unet.config.sample_size
+        return self.unet.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def is_distilled(self) -> bool:
+        """Whether the U-Net is a consistency-distilled student (it takes a guidance scale)."""
+        return self.unet.config.time_cond_proj_dim is not None
+
+
+def _existing_dir(path: str, what: str) -> Path:
+    directory = Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{what} directory not found: {path}")
+    return directory
+
+
+def caption_tokenizer(corpus: Sequence[str], vocab_size: int) -> PreTrainedTokenizerBase:
+    """A byte-level BPE learned from the training captions, ending every text with eos (as T5's
+    own tokenizers do), so even the empty prompt of classifier-free guidance is one token."""
+    tokenizer = train_tokenizer(corpus, vocab_size)
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"$A {tokenizer.eos_token}",
+        special_tokens=[(tokenizer.eos_token, tokenizer.eos_token_id)],
+    )
+    return tokenizer
+
+
+def build_text_encoder(
+    cfg: DiffusionConfig, corpus: Sequence[str] = ()
+) -> tuple[T5EncoderModel, PreTrainedTokenizerBase]:
+    """The pretrained T5 at `text_encoder_path` (frozen unless `train_text_encoder`), or the
+    toy: a small random T5 encoder, dropout off so training is a pure function of the seed and
+    the step, reading BPE tokens learned from `corpus` or ByT5's bytes (`cfg.tokenizer`)."""
+    if cfg.text_encoder_path:
+        directory = _existing_dir(cfg.text_encoder_path, "text_encoder_path")
+        encoder = T5EncoderModel.from_pretrained(directory)
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    else:
+        if cfg.tokenizer == "byte":
+            tokenizer = ByT5Tokenizer()
+        elif corpus:
+            tokenizer = caption_tokenizer(corpus, cfg.vocab_size)
+        else:
+            raise ValueError(
+                "tokenizer 'bpe' learns its vocabulary from the training captions: "
+                "pass them as `corpus`, or set tokenizer='byte'"
+            )
+        t5 = T5Config(
+            vocab_size=len(tokenizer),
+            d_model=cfg.text_dim,
+            d_kv=cfg.text_dim // cfg.text_heads,
+            d_ff=cfg.text_ff_dim,
+            num_layers=cfg.text_layers,
+            num_heads=cfg.text_heads,
+            dropout_rate=0.0,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        encoder = T5EncoderModel(t5)
+    tokenizer.model_max_length = cfg.max_text_length
+    encoder.requires_grad_(cfg.train_text_encoder)
+    return encoder, tokenizer
+
+
+def build_pipeline(cfg: DiffusionConfig, corpus: Sequence[str] = ()) -> TextToImagePipeline:
+    """A fresh model for `cfg`, its random weights a function of `cfg.seed` alone (and its BPE
+    vocabulary of the captions in `corpus`).
+
+    Cross-attention sits only in the lowest-resolution blocks (and the mid block): on CPU,
+    attention at higher resolutions costs most of the throughput.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        text_encoder, tokenizer = build_text_encoder(cfg, corpus)
+        vae = None
+        channels, size = 3, cfg.image_size
+        if cfg.vae_path:
+            vae = AutoencoderKL.from_pretrained(_existing_dir(cfg.vae_path, "vae_path"))
+            vae.requires_grad_(False)
+            channels = vae.config.latent_channels
+            size //= 2 ** (len(vae.config.block_out_channels) - 1)
+        levels = len(cfg.block_out_channels)
+        unet = UNet2DConditionModel(
+            sample_size=size,
+            in_channels=channels,
+            out_channels=channels,
+            block_out_channels=cfg.block_out_channels,
+            down_block_types=("DownBlock2D",) * (levels - 1) + ("CrossAttnDownBlock2D",),
+            up_block_types=("CrossAttnUpBlock2D",) + ("UpBlock2D",) * (levels - 1),
+            layers_per_block=cfg.layers_per_block,
+            attention_head_dim=cfg.attention_head_dim,
+            norm_num_groups=cfg.norm_num_groups,
+            cross_attention_dim=text_encoder.config.d_model,
+            class_embed_type="projection",  # the pooled prompt; see predict_noise
+            projection_class_embeddings_input_dim=text_encoder.config.d_model,
+        )
+    scheduler = DDPMScheduler(
+        num_train_timesteps=cfg.num_train_timesteps,
+        beta_schedule=cfg.beta_schedule,
+        prediction_type=cfg.prediction_type,
+        timestep_spacing="trailing",
+        clip_sample=vae is None,  # pixels live in [-1, 1]; latents do not
+    )
+    return TextToImagePipeline(unet, text_encoder, tokenizer, scheduler, vae)

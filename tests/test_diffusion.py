@@ -1,0 +1,332 @@
+"""The text-to-image model: sampling, the diffusers save/load layout, training steps in pixel
+and latent space, and exact resumption after a SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from PIL import Image
+from safetensors.torch import load_file
+
+from ml.data.mixed import BlendedDataset, MixManifest
+from ml.data.recaption import recaption_shard
+from ml.data.shapeworld import ShapeWorldConfig, generate
+from ml.data.shards import write_shards
+from ml.diffusion.config import DiffusionConfig
+from ml.diffusion.distill import (
+    DistillConfig,
+    NoiseSchedule,
+    build_student,
+    consistency_function,
+    distill,
+)
+from ml.diffusion.pipeline import (
+    TextToImagePipeline,
+    build_pipeline,
+    encode_prompts,
+    predict_noise,
+)
+from ml.diffusion.train import caption_corpus, checkpoint_steps, train_diffusion
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = DiffusionConfig(
+    image_size=16,
+    vocab_size=300,
+    text_dim=32,
+    text_layers=1,
+    text_heads=2,
+    text_ff_dim=64,
+    max_text_length=64,
+    block_out_channels=(8, 16),
+    attention_head_dim=4,
+    norm_num_groups=4,
+    num_train_timesteps=100,
+    steps=6,
+    batch_size=4,
+    warmup_steps=2,
+    log_every=1,
+    checkpoint_every=2,
+    sample_every=0,
+)
+PROMPTS = ["a red circle in the top left corner", "a large blue square on the right"]
+# What the toy BPE tokenizer learns its vocabulary from when a test builds a model directly.
+CORPUS = [s.meta["descriptive_caption"] for s in generate(50, 0, ShapeWorldConfig(), "corpus")]
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny tensors gain nothing from intra-op threads, and on a shared CPU threads thrash
+    (measured: 10x slower sampling with 2 threads while other jobs run)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """20 ShapeWorld samples in 2 shards, their ground-truth descriptive captions as "dsc"."""
+    root = tmp_path_factory.mktemp("data")
+    samples = list(generate(20, seed=0, cfg=ShapeWorldConfig(image_size=16), split="train"))
+    names = write_shards(samples, root / "shards", shard_size=10)
+    captions = iter(s.meta["descriptive_caption"] for s in samples)
+    shards, sidecars = [], []
+    for name in names:
+        shards.append(str(root / "shards" / name))
+        sidecars.append(str(root / "sidecars" / name.replace(".tar", ".parquet")))
+        # The captioner sees the shard's images in order, so it can replay the truth.
+        truth = {"dsc": lambda images: [next(captions) for _ in images]}
+        recaption_shard(shards[-1], Path(sidecars[-1]), truth, "truth", batch_size=10)
+    path = root / "manifest.json"
+    MixManifest(shards, sidecars, "dsc", synthetic_ratio=0.95, seed=0).save(path)
+    return path
+
+
+def pixels(images: list[Image.Image]) -> list[np.ndarray]:
+    return [np.asarray(image) for image in images]
+
+
+def same_images(a: list[Image.Image], b: list[Image.Image]) -> bool:
+    return all(np.array_equal(x, y) for x, y in zip(pixels(a), pixels(b), strict=True))
+
+
+def weights(pipe: TextToImagePipeline) -> dict[str, torch.Tensor]:
+    modules = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    return {f"{m}.{k}": v for m, module in modules.items() for k, v in module.state_dict().items()}
+
+
+def assert_equal_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    unequal = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not unequal, f"{len(unequal)} tensors differ, e.g. {unequal[:3]}"
+
+
+# --- pipeline ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm"])
+def test_sampling_is_deterministic_per_seed_and_survives_save_load(
+    sampler: str, tmp_path: Path
+) -> None:
+    pipe = build_pipeline(TINY, CORPUS)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(PROMPTS, num_inference_steps=4, seed=1, sampler=sampler)
+    assert [im.size for im in images] == [(16, 16)] * 2 and images[0].mode == "RGB"
+    assert same_images(images, pipe(PROMPTS, num_inference_steps=4, seed=1, sampler=sampler))
+    other = pipe(PROMPTS, num_inference_steps=4, seed=2, sampler=sampler)
+    assert not any(np.array_equal(x, y) for x, y in zip(pixels(images), pixels(other), strict=True))
+
+    pipe.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "model_index.json").read_text())
+    assert saved["_class_name"] == "TextToImagePipeline"
+    folders = {p.name for p in tmp_path.iterdir()}
+    assert {"unet", "text_encoder", "tokenizer", "scheduler"} <= folders
+    loaded = TextToImagePipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.vae is None and loaded.tokenizer.model_max_length == TINY.max_text_length
+    assert same_images(images, loaded(PROMPTS, num_inference_steps=4, seed=1, sampler=sampler))
+    # the learned vocabulary survives, eos included: the empty (guidance) prompt is one token
+    eos = loaded.tokenizer.eos_token_id
+    assert loaded.tokenizer([""]).input_ids == [[eos]]
+    assert loaded.tokenizer(PROMPTS).input_ids == pipe.tokenizer(PROMPTS).input_ids
+
+
+@pytest.mark.parametrize("tokenizer", ["bpe", "byte"])
+def test_toy_tokenizers_end_every_prompt_with_eos(tokenizer: str) -> None:
+    pipe = build_pipeline(replace(TINY, tokenizer=tokenizer), CORPUS)
+    ids = pipe.tokenizer(["", PROMPTS[0]]).input_ids
+    assert ids[0] == [pipe.tokenizer.eos_token_id] and ids[1][-1] == pipe.tokenizer.eos_token_id
+    if tokenizer == "bpe":  # learned word pieces: a caption is far shorter than in bytes
+        assert len(ids[1]) < len(PROMPTS[0])
+        assert len(pipe.tokenizer) == TINY.vocab_size
+    with pytest.raises(ValueError, match="corpus"):
+        build_pipeline(TINY)
+
+
+def test_missing_pretrained_paths_are_named(tmp_path: Path) -> None:
+    for field in ("text_encoder_path", "vae_path"):
+        missing = str(tmp_path / f"no-{field}")
+        with pytest.raises(FileNotFoundError, match=f"no-{field}"):
+            build_pipeline(replace(TINY, **{field: missing}), CORPUS)
+
+
+def test_config_round_trips_and_validates(tmp_path: Path) -> None:
+    TINY.save(tmp_path / "config.json")
+    assert DiffusionConfig.load(tmp_path / "config.json") == TINY
+    (tmp_path / "bad.json").write_text(json.dumps({"stepz": 3}))
+    with pytest.raises(ValueError, match="stepz"):
+        DiffusionConfig.load(tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="norm_num_groups"):
+        replace(TINY, block_out_channels=(6, 16))
+    with pytest.raises(ValueError, match="mixed_precision"):
+        replace(TINY, mixed_precision="fp8")
+
+
+# --- training ---------------------------------------------------------------------------------
+
+
+def tiny_vae(directory: Path) -> str:
+    """A random 2-level AutoencoderKL: 16x16 pixels -> 4x8x8 latents."""
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    )
+    vae.save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.mark.parametrize("space", ["pixel", "latent"])
+def test_training_steps_change_the_weights(space: str, manifest: Path, tmp_path: Path) -> None:
+    cfg = replace(TINY, steps=2, sample_every=2)
+    if space == "latent":
+        cfg = replace(cfg, vae_path=tiny_vae(tmp_path / "vae"))
+    records: list[tuple[int, dict]] = []
+    stats = train_diffusion(
+        cfg, manifest, tmp_path / "run", lambda s, r: records.append((s, r)), None, PROMPTS
+    )
+    assert stats["finished"] and stats["steps"] == 2 and stats["images_per_s"] > 0
+    trained = TextToImagePipeline.from_pretrained(stats["pipeline"])
+    channels, size = (4, 8) if space == "latent" else (3, 16)
+    assert (trained.unet.config.in_channels, trained.unet.config.sample_size) == (channels, size)
+    assert (trained.vae is None) == (space == "pixel")
+    corpus = caption_corpus(BlendedDataset(MixManifest.load(manifest)))
+    before, after = weights(build_pipeline(cfg, corpus)), weights(trained)
+    assert all(not torch.equal(before[k], after[k]) for k in before if k.startswith("unet."))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("text_"))
+
+    metrics = [r for _, r in records if "loss" in r]
+    assert [s for s, r in records if "loss" in r] == [1, 2]
+    assert all(np.isfinite(r["loss"]) and r["lr"] > 0 and r["images_per_s"] > 0 for r in metrics)
+    grids = [r["samples"] for s, r in records if "samples" in r]
+    assert len(grids) == 1 and isinstance(grids[0], Image.Image)
+    images = trained(PROMPTS, num_inference_steps=2, seed=0)
+    assert [im.size for im in images] == [(16, 16)] * 2
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    """The saved EMA pipeline and the raw training weights of the last checkpoint."""
+    last = out / "checkpoints" / f"step-{checkpoint_steps(out)[-1]}"
+    raw = {
+        f"raw.{file.stem}.{k}": v
+        for file in last.glob("model*.safetensors")
+        for k, v in load_file(file).items()
+    }
+    return weights(TextToImagePipeline.from_pretrained(out / "pipeline")) | raw
+
+
+def test_resume_after_a_partial_run_equals_an_uninterrupted_run(
+    manifest: Path, tmp_path: Path
+) -> None:
+    cfg = replace(TINY, steps=7, checkpoint_every=3)  # 20 samples / batch 4: epochs end at 5, 10
+    train_diffusion(cfg, manifest, tmp_path / "whole", resume=None)
+    partial = train_diffusion(cfg, manifest, tmp_path / "cut", max_steps_this_run=4)
+    assert not partial["finished"] and checkpoint_steps(tmp_path / "cut") == [3, 4]
+    resumed = train_diffusion(cfg, manifest, tmp_path / "cut")
+    assert resumed["resumed_from"] == 4 and resumed["finished"]
+    assert_equal_weights(final_weights(tmp_path / "whole"), final_weights(tmp_path / "cut"))
+    with pytest.raises(ValueError, match="lr"):
+        train_diffusion(replace(cfg, lr=1e-4), manifest, tmp_path / "cut")
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(manifest: Path, tmp_path: Path) -> None:
+    """A real kill, at whatever point the process has reached after its first checkpoint."""
+    cfg = replace(TINY, steps=12, checkpoint_every=3)
+    cfg.save(tmp_path / "config.json")
+    command = [
+        sys.executable, "-m", "ml.diffusion.train", "--manifest", str(manifest),
+        "--out", str(tmp_path / "cut"), "--config", str(tmp_path / "config.json"),
+    ]  # fmt: skip
+    # The same thread count as this process, so both runs do the same floating-point sums.
+    env = os.environ | {"OMP_NUM_THREADS": str(torch.get_num_threads())}
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not checkpoint_steps(tmp_path / "cut") and time.monotonic() < deadline:
+            time.sleep(0.005)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert not (tmp_path / "cut" / "pipeline").exists(), "finished before the kill"
+    killed_at = checkpoint_steps(tmp_path / "cut")[-1]
+
+    resumed = train_diffusion(cfg, manifest, tmp_path / "cut")
+    assert resumed["resumed_from"] == killed_at and resumed["finished"]
+    train_diffusion(cfg, manifest, tmp_path / "whole", resume=None)
+    assert_equal_weights(final_weights(tmp_path / "whole"), final_weights(tmp_path / "cut"))
+
+
+# --- consistency distillation -----------------------------------------------------------------
+
+
+def test_consistency_function_is_the_identity_at_t0() -> None:
+    """The boundary condition f(x, 0) = x, whatever the U-Net predicts."""
+    teacher = build_pipeline(TINY, CORPUS)
+    student = build_student(teacher.unet, DistillConfig(guidance_embedding_dim=8))
+    torch.nn.init.normal_(student.time_embedding.cond_proj.weight)  # a non-trivial student
+    schedule = NoiseSchedule.of(teacher.scheduler, torch.device("cpu"))
+    text = encode_prompts(teacher.tokenizer, teacher.text_encoder, PROMPTS)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    guidance = torch.tensor([1.0, 4.0])
+    with torch.no_grad():
+        at_zero = consistency_function(
+            student, schedule, x, torch.tensor([0, 0]), text, guidance, 10
+        )
+        later = consistency_function(
+            student, schedule, x, torch.tensor([50, 50]), text, guidance, 10
+        )
+    assert torch.equal(at_zero, x)
+    assert not torch.allclose(later, x)
+
+
+def test_student_starts_as_the_teacher() -> None:
+    """The guidance projection starts at zero: the student's U-Net output equals the
+    teacher's, for any guidance scale, until distillation moves it."""
+    teacher = build_pipeline(TINY, CORPUS)
+    student = build_student(teacher.unet, DistillConfig(guidance_embedding_dim=8))
+    states, mask = encode_prompts(teacher.tokenizer, teacher.text_encoder, PROMPTS)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 90])
+    with torch.no_grad():
+        want = predict_noise(teacher.unet, x, t, states, mask)
+        got = predict_noise(student, x, t, states, mask, torch.tensor([1.0, 7.0]))
+    assert torch.allclose(want, got, atol=1e-6)
+    with pytest.raises(ValueError, match="guidance"):
+        predict_noise(student, x, t, states, mask)
+
+
+def test_distilled_model_samples_in_two_steps_from_the_same_layout(
+    manifest: Path, tmp_path: Path
+) -> None:
+    teacher = build_pipeline(TINY, CORPUS)
+    records: list[tuple[int, dict]] = []
+    cfg = DistillConfig(steps=3, batch_size=4, guidance_embedding_dim=8, log_every=1)
+    stats = distill(
+        teacher, cfg, manifest, tmp_path / "student", lambda s, r: records.append((s, r))
+    )
+    assert stats["steps"] == 3 and [s for s, _ in records] == [1, 2, 3]
+    assert all(np.isfinite(r["loss"]) and r["loss"] >= 0 for _, r in records)
+
+    student = TextToImagePipeline.from_pretrained(tmp_path / "student")
+    student.set_progress_bar_config(disable=True)
+    assert student.is_distilled and not teacher.is_distilled
+    assert type(student.scheduler).__name__ == "LCMScheduler"
+    images = student(PROMPTS, num_inference_steps=2, guidance_scale=3.0, seed=0)
+    assert [im.size for im in images] == [(16, 16)] * 2
+    assert same_images(images, student(PROMPTS, num_inference_steps=2, guidance_scale=3.0, seed=0))
+    assert not same_images(images, student(PROMPTS, num_inference_steps=2, seed=1))
+    with pytest.raises(ValueError, match="lcm"):
+        student(PROMPTS, num_inference_steps=2, sampler="ddim")
