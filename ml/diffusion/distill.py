@@ -233,8 +233,10 @@ def distill(
             })  # fmt: skip
 
     seconds = time.perf_counter() - started
+    # The teacher's noise schedule, less what only a DDPM sampler knows of (its variance).
+    schedule_config = {k: v for k, v in teacher.scheduler.config.items() if k != "variance_type"}
     scheduler = LCMScheduler.from_config(
-        teacher.scheduler.config,
+        schedule_config,
         original_inference_steps=cfg.num_ddim_timesteps,
         timestep_scaling=cfg.timestep_scaling,
     )
