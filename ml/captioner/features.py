@@ -2,15 +2,17 @@
 
 Computed once per image and cached in one tensor, so the CLIP never runs during captioner
 training. A row is F(i), the L2-normalised pooled embedding that `ml.clip.encode_images`
-returns, optionally followed by the vision transformer's last-layer patch tokens,
-average-pooled to a `token_grid` x `token_grid` grid and flattened: the pooled vector of a
-toy CLIP keeps too little of where each object is and what it looks like (see README).
+returns, optionally followed by the vision transformer's last-layer patch tokens (through its
+final LayerNorm, as the pooled token is), flattened in row-major order: a toy CLIP's pooled
+vector keeps too little of where each object is and what it looks like (see
+`ml.captioner.model`).
 """
 
 from collections.abc import Sequence
 
 import open_clip
 import torch
+from PIL import Image
 
 from ml.clip import Preprocess
 
@@ -19,7 +21,7 @@ from ml.clip import Preprocess
 def clip_features(
     clip: open_clip.CLIP,
     preprocess: Preprocess,
-    images: Sequence,
+    images: Sequence[Image.Image],
     patch_tokens: bool = True,
     batch_size: int = 256,
 ) -> torch.Tensor:

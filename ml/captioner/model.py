@@ -1,10 +1,18 @@
 """The captioner: a small GPT-2 that reads a CLIP image representation as a prefix (ClipCap).
 
 The frozen CLIP is not part of it. It takes precomputed features, one row per image (see
-`ml.captioner.features`): the pooled embedding F(i), optionally followed by a grid of the
+`ml.captioner.features`): the pooled embedding F(i), optionally followed by the grid of the
 vision transformer's patch tokens. F(i) goes through an MLP to `prefix_length` embeddings, as
-in ClipCap; each patch token goes through a linear map to one more embedding, so the LM can
-attend to each part of the image, which a single pooled vector of a toy CLIP blurs.
+in ClipCap; the patch tokens are merged by a strided convolution into a coarser grid of more
+prefix embeddings, so the LM can attend to each part of the image.
+
+Why the patch tokens: a toy CLIP's F(i) holds little beyond colours. Probed linearly on
+ShapeWorld, it gives the main object's colour 74% of the time, its shape 26% (chance 17%)
+and its position at chance, so no captioner on F(i) alone can describe a scene; the patch
+tokens around an object give its colour 99% of the time and, read nonlinearly, its shape 90%.
+What still limits the captioner is finding the main object's shape among up to four objects:
+a small convolutional probe over the whole token grid gets it right 45-52% of the time (the
+same probe on raw pixels 69%); a deeper or wider token projector did not help the captioner.
 """
 
 import json
@@ -27,8 +35,8 @@ class CaptionerConfig:
     token_dim: int = 0  # width of each patch token
     token_stride: int = 2  # patch tokens merged per prefix position along each side
     prefix_length: int = 4  # LM embeddings that F(i) is mapped to
-    n_layer: int = 4
-    n_embd: int = 256
+    n_layer: int = 3
+    n_embd: int = 128
     n_head: int = 4
     max_caption_tokens: int = 80  # bos + caption + eos
     dropout: float = 0.0
