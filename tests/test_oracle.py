@@ -15,6 +15,8 @@ from ml.data.shapeworld import (
     TEXTURES,
     Scene,
     SceneObject,
+    caption_facts,
+    parse_caption,
     render,
     visible_colors,
 )
@@ -75,10 +77,15 @@ def test_single_object_prompts_cover_the_grid_and_score_perfectly_when_rendered(
     prompts = single_object_prompts(seed=0, n=18)
     assert len(prompts) == 18
     assert {p["scene"].objects[0].position for p in prompts} == set(POSITIONS)
-    by_text = {p["prompt"]: p["scene"] for p in prompts}
+    for style in ("prompt", "descriptive"):
+        by_text = {p[style]: p["scene"] for p in prompts}
 
-    def draw(texts: list[str]) -> list:
-        return [render(by_text[t], 32) for t in texts]
+        def draw(texts: list[str], by_text=by_text) -> list:
+            return [render(by_text[t], 32) for t in texts]
 
-    scores, images = evaluate_prompt_following(draw, prompts, batch_size=5)
-    assert len(images) == 18 and scores["both_accuracy"] == 1.0
+        scores, images = evaluate_prompt_following(draw, prompts, batch_size=5, style=style)
+        assert len(images) == 18 and scores["both_accuracy"] == 1.0
+    # the descriptive style states the target scene in full, as the training captions do
+    first = prompts[0]
+    facts = parse_caption(first["descriptive"])
+    assert facts == caption_facts(first["scene"]) and first["prompt"] != first["descriptive"]

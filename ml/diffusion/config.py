@@ -19,38 +19,35 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 class DiffusionConfig:
     """Everything `build_pipeline` and `train_diffusion` need; JSON on disk.
 
+    The defaults are the toy profile, chosen by measurement on this 2-core CPU (prompt
+    following as `ml.eval.oracle` scores it, 36 held-out single-object prompts, DDIM 25 steps,
+    guidance 3; chance is 0.125 for colour and 0.111 for position).
+
     Text encoder. The paper conditions on T5. The toy profile builds a small random
-    `T5EncoderModel` with transformers' byte-level `ByT5Tokenizer` (no vocabulary file, and
-    character-level input is what the paper names as the fix for rendering text). It trains
-    jointly with the U-Net (`train_text_encoder=True`) because a frozen random encoder can never
-    learn what a word means. Measured on single-object ShapeWorld (DSC captions, p=0.95, 900
-    steps at batch 32, 96 held-out prompts), joint and frozen were both still at chance, so
-    the measurement does not separate them yet; frozen costs ~15% less per step. A real
-    profile points `text_encoder_path` at a local pretrained T5 directory and sets
+    `T5EncoderModel` trained jointly with the U-Net (a frozen random encoder cannot learn what a
+    word means) on a byte-level BPE learned from the training captions: 5x shorter sequences
+    than ByT5's bytes (`tokenizer="byte"`, the paper's character-level option), ~30% more
+    images/s. A real profile points `text_encoder_path` at a local pretrained T5 and sets
     `train_text_encoder=False`, as the paper does.
 
-    U-Net. Pixel space at 32x32 on toy, cross-attention only at the lowest (8x8) resolution
-    and in the mid block: attention at 16x16 cut CPU throughput from ~65 to ~20 images/s
-    (DESIGN.md section 4). With `vae_path` set, the U-Net works on the latents of that local
-    `AutoencoderKL` instead (`image_size` stays the pixel size).
+    U-Net. Capacity at full resolution decides whether the model learns objects at all: with
+    DESIGN.md's (16, 32, 64) x 1 layer the samples had the prompt's background but
+    multi-coloured blobs for objects, at chance on colour and position after 600-2000 steps at
+    32 px, with clean three-word captions of single objects too (colour 0.22, position 0.22
+    after 1000 steps at 16 px); (32, 64, 64) x 2 layers reached colour 0.44 / position 0.89 on
+    the same clean-caption run. It costs 2.5x the compute per image, so the toy model works at
+    16 px (ShapeWorld's 32 px renders downsampled; the oracle still reads colour 98% and
+    position 100% right on them). Cross-attention sits at the lowest level (4x4 at 16 px) and
+    in the mid block only. With `vae_path` set the U-Net works on that local `AutoencoderKL`'s
+    latents instead (`image_size` stays the pixel size).
 
-    Noise schedule. Cosine ("squaredcos_cap_v2"), which suits small images, with
-    v-prediction: it weighs the x0 error at least 1 at every noise level, where epsilon
-    prediction weighs it by the SNR, close to 0 at the high noise levels that decide colour
-    and layout. Measured: after 300 steps the v-model drew clean flat backgrounds where the
-    epsilon model's samples were still covered in noise. Sampling uses DDIM or DPM-Solver on
-    the same schedule with "trailing" spacing, so the first sampling step starts from pure
-    noise.
-
-    Training. lr 2e-3 with batch 32 is DESIGN.md's working setting; 600 steps is about five
-    minutes at the ~65 images/s of an idle 2-core CPU (40-53 images/s measured here while other
-    jobs shared it). That budget learns plausible backgrounds and object blobs, but not yet
-    prompt following: with free-text captions colour and position (`ml/eval/oracle.py`) were
-    still at chance after 900 steps (batch 32) and 1200 steps (batch 16), and with DESIGN.md's
-    clean three-token captions colour reached only 0.22 (chance 0.125) after 600 steps.
+    Noise schedule. Cosine ("squaredcos_cap_v2") with v-prediction: epsilon prediction on a
+    linear schedule left grey, noisy backgrounds after the same 1000 steps. Sampling uses DDIM
+    or DPM-Solver on the same schedule with "trailing" spacing, so the first sampling step
+    starts from pure noise.
     """
 
-    image_size: int = 32
+    image_size: int = 16
     # text encoder
     text_encoder_path: str = ""  # a local pretrained T5 directory; "" builds the toy encoder
     tokenizer: str = "bpe"  # toy encoder: "bpe" learned from the training captions, or "byte"
@@ -62,8 +59,8 @@ class DiffusionConfig:
     text_ff_dim: int = 256
     max_text_length: int = 128  # tokens; bytes for ByT5, which covers a toy DSC caption
     # U-Net
-    block_out_channels: tuple[int, ...] = (16, 32, 64)
-    layers_per_block: int = 1
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    layers_per_block: int = 2
     attention_head_dim: int = 8
     norm_num_groups: int = 8
     vae_path: str = ""  # a local AutoencoderKL directory; "" trains in pixel space
@@ -72,7 +69,7 @@ class DiffusionConfig:
     beta_schedule: str = "squaredcos_cap_v2"
     prediction_type: str = "v_prediction"
     # training
-    steps: int = 600
+    steps: int = 1500
     batch_size: int = 32
     lr: float = 2e-3
     warmup_steps: int = 50

@@ -13,6 +13,7 @@ to what it measures; it judges colour and position only, not shape. On a generat
 reads whatever stands out most, so a blob in the asked cell with the asked colour counts.
 """
 
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ml.data.shapeworld import COLORS, POSITIONS, Scene, eval_prompts
+from ml.data.shapeworld import COLORS, POSITIONS, Scene, descriptive_caption, eval_prompts
 
 _PALETTE = np.array(list(COLORS.values()), dtype=np.float64)
 # The object is every pixel at least this fraction as far from the background as the few
@@ -83,20 +84,33 @@ def score_prompt_following(
 
 
 def single_object_prompts(seed: int, n: int) -> list[dict[str, Any]]:
-    """n held-out prompts like "a red circle in the top left corner", each with its target
-    scene: the "position" category of `eval_prompts`, which cycles through the 9 cells."""
+    """n held-out prompts with their target scenes: the "position" category of `eval_prompts`,
+    which cycles through the 9 cells.
+
+    Each comes in two styles: "prompt", short as a user writes it ("a red circle in the top
+    left"), and "descriptive", the target scene as a descriptive caption ("A plain white
+    background with a large red circle in the top left."). A model trained on descriptive
+    captions is asked in their style, as DALL·E 3 upsamples its users' prompts; the ground
+    truth is the upsampler here, so the score measures the image model alone.
+    """
     prompts = [p for p in eval_prompts(seed, per_category=n) if p["category"] == "position"]
-    return [p | {"scene": Scene.from_dict(p["scene"])} for p in prompts]
+    out = []
+    for p in prompts:
+        scene = Scene.from_dict(p["scene"])
+        rng = random.Random(f"{seed}/{p['prompt']}")
+        out.append(p | {"scene": scene, "descriptive": descriptive_caption(scene, rng)})
+    return out
 
 
 def evaluate_prompt_following(
     generate: Callable[[list[str]], list[Image.Image]],
     prompts: Sequence[dict[str, Any]],
     batch_size: int = 32,
+    style: str = "descriptive",
 ) -> tuple[dict[str, float], list[Image.Image]]:
     """Scores of `generate` (prompts -> images, e.g. a seeded pipeline call) on
-    `single_object_prompts`, and the images, for a grid."""
-    texts = [p["prompt"] for p in prompts]
+    `single_object_prompts` in one `style` ("descriptive" or "prompt"), and the images."""
+    texts = [p[style] for p in prompts]
     images = [
         image
         for i in range(0, len(texts), batch_size)
