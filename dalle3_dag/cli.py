@@ -64,12 +64,12 @@ def summary(_: argparse.Namespace) -> int:
     from dalle3_dag.definitions import defs
 
     storage, dvc = StorageResource(), DvcResource()
-    print(f"{'asset':24} {'group':10} {'dvc hash':38} path")
+    print(f"{'asset':24} {'group':14} {'dvc hash':38} path")
     for spec in sorted(defs.resolve_all_asset_specs(), key=lambda s: s.key.to_user_string()):
         key = spec.key.to_user_string()
         path = storage.asset_dir(key)
         shown = str(path) if path.exists() else "(not materialized)"
-        print(f"{key:24} {spec.group_name or '':10} {dvc.out_hash(key) or '-':38} {shown}")
+        print(f"{key:24} {spec.group_name or '':14} {dvc.out_hash(key) or '-':38} {shown}")
     print(f"\nMLflow tracking: {MlflowResource().resolved_uri()}")
     print(
         "UIs: `make ui`, then Dagster at http://127.0.0.1:3000 and MLflow at http://127.0.0.1:5000"
