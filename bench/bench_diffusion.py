@@ -27,7 +27,13 @@ from dalle3_dag.resources import StorageResource
 from ml.data.shapeworld import ShapeWorldConfig, generate
 from ml.diffusion.config import DiffusionConfig
 from ml.diffusion.pipeline import TextToImagePipeline, build_pipeline
-from ml.diffusion.train import diffusion_loss, make_batch, step_generator, train_diffusion
+from ml.diffusion.train import (
+    caption_corpus,
+    diffusion_loss,
+    make_batch,
+    step_generator,
+    train_diffusion,
+)
 from ml.eval.oracle import evaluate_prompt_following, single_object_prompts
 
 
@@ -99,7 +105,7 @@ def sampling(args: argparse.Namespace) -> None:
 
 def bare_loop(cfg: DiffusionConfig, dataset: Scenes, steps: int) -> float:
     """Images/s of forward + backward + AdamW on one fixed in-memory batch: nothing else."""
-    pipe = build_pipeline(cfg)
+    pipe = build_pipeline(cfg, caption_corpus(dataset))  # the vocabulary our loop learns too
     params = [*pipe.unet.parameters(), *pipe.text_encoder.parameters()]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
     examples = dataset.examples[: cfg.batch_size]
