@@ -16,7 +16,7 @@ from PIL import Image
 
 from dalle3_dag.project import load_params, resolve
 from dalle3_dag.resources import DvcResource, MlflowResource, StorageResource
-from dalle3_dag.versioning import commit, read_metrics, tracked_run, write_metrics
+from dalle3_dag.versioning import commit, log_step, read_metrics, tracked_run, write_metrics
 from ml.diffusion.config import DiffusionConfig
 from ml.diffusion.distill import DistillConfig, distill
 from ml.diffusion.pipeline import TextToImagePipeline
@@ -104,16 +104,22 @@ def log_images(step: int, record: dict) -> None:
     """Metrics to MLflow at their step; sample grids as step-numbered images."""
     metrics = {k: v for k, v in record.items() if isinstance(v, int | float)}
     if metrics:
-        mlflow.log_metrics(metrics, step=step)
+        log_step(step, metrics)
     for name, value in record.items():
         if isinstance(value, Image.Image):
             mlflow.log_image(value, f"{name}/step-{step:06d}.png")
 
 
-def _copy_pipeline(source: Path, out: Path) -> None:
-    for item in source.iterdir():
-        copy = shutil.copytree if item.is_dir() else shutil.copy2
-        copy(item, out / item.name)
+def score_saved(
+    out: Path, cfg: PromptFollowingConfig, steps: int, extra: dict[str, float] | None = None
+) -> tuple[dict[str, float], Image.Image]:
+    """Score the pipeline saved in `out`, loaded the way users load it, and keep the scores
+    (with `extra`) and the grid beside it, where the asset checks read them."""
+    scores, grid = score(TextToImagePipeline.from_pretrained(out).to(DEVICE), cfg, steps)
+    scores |= extra or {}
+    grid.save(out / "prompt_following.png")
+    write_metrics(out, scores)
+    return scores, grid
 
 
 @dg.asset(
@@ -151,12 +157,9 @@ def diffusion_model(
         if stats["resumed_from"] is not None:
             context.log.info(f"resumed from the checkpoint at step {stats['resumed_from']}")
         with storage.writing(DIFFUSION) as out:
-            _copy_pipeline(work / PIPELINE, out)
+            shutil.copytree(work / PIPELINE, out, dirs_exist_ok=True)
             cfg.save(out / "train_config.json")
-            trained = TextToImagePipeline.from_pretrained(out).to(DEVICE)
-            scores, grid = score(trained, evaluation, evaluation.teacher_steps)
-            grid.save(out / "prompt_following.png")
-            write_metrics(out, scores)
+            scores, grid = score_saved(out, evaluation, evaluation.teacher_steps)
         mlflow.log_metrics({**scores, "train_images_per_s": stats["images_per_s"]})
         mlflow.log_image(grid, "prompt_following.png")
         version = mlflow_tracker.register(DIFFUSION, storage.asset_dir(DIFFUSION))
@@ -205,20 +208,13 @@ def distilled_model(
         teacher = TextToImagePipeline.from_pretrained(teacher_dir).to(DEVICE)
         with storage.writing(DISTILLED) as out:
             stats = distill(teacher, cfg, storage.asset_dir(MIX) / "manifest.json", out, log_images)
-            student = TextToImagePipeline.from_pretrained(out).to(DEVICE)
-            scores, grid = score(student, evaluation, evaluation.student_steps)
-            teacher_scores = read_metrics(teacher_dir)
-            for name in ("color_accuracy", "position_accuracy"):
-                scores[f"teacher_{name}"] = teacher_scores[name]
-            grid.save(out / "prompt_following.png")
-            write_metrics(out, scores)
+            taught = read_metrics(teacher_dir)
+            compared = {f"teacher_{k}": taught[k] for k in ("color_accuracy", "position_accuracy")}
+            scores, grid = score_saved(out, evaluation, evaluation.student_steps, compared)
         mlflow.log_metrics({**scores, "distill_images_per_s": stats["images_per_s"]})
         # Teacher above student: the same prompts and seeds.
         teacher_grid = Image.open(teacher_dir / "prompt_following.png")
-        both = Image.new("RGB", (grid.width, teacher_grid.height + grid.height), "white")
-        both.paste(teacher_grid, (0, 0))
-        both.paste(grid, (0, teacher_grid.height))
-        mlflow.log_image(both, "teacher_vs_student.png")
+        mlflow.log_image(image_grid([teacher_grid, grid], cols=1, pad=0), "teacher_vs_student.png")
         version = mlflow_tracker.register(DISTILLED, storage.asset_dir(DISTILLED))
         return commit(
             DISTILLED,
