@@ -75,6 +75,7 @@ SMALL_PARAMS = {
         "text_ff_dim": 64,
         "max_text_length": 64,
         "block_out_channels": [8, 16],
+        "cross_attention_levels": 1,
         "attention_head_dim": 4,
         "norm_num_groups": 4,
         "num_train_timesteps": 100,

@@ -48,6 +48,7 @@ TINY = DiffusionConfig(
     text_ff_dim=64,
     max_text_length=64,
     block_out_channels=(8, 16),
+    cross_attention_levels=1,
     attention_head_dim=4,
     norm_num_groups=4,
     num_train_timesteps=100,
@@ -170,6 +171,16 @@ def test_config_round_trips_and_validates(tmp_path: Path) -> None:
         replace(TINY, block_out_channels=(6, 16))
     with pytest.raises(ValueError, match="mixed_precision"):
         replace(TINY, mixed_precision="fp8")
+    with pytest.raises(ValueError, match="cross_attention_levels"):
+        replace(TINY, cross_attention_levels=3)
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+def test_cross_attention_sits_in_the_lowest_resolution_levels(levels: int) -> None:
+    unet = build_pipeline(replace(TINY, cross_attention_levels=levels), CORPUS).unet
+    attends = [block.startswith("CrossAttn") for block in unet.config.down_block_types]
+    assert attends == [False] * (2 - levels) + [True] * levels
+    assert unet.config.up_block_types[:levels] == ("CrossAttnUpBlock2D",) * levels
 
 
 # --- training ---------------------------------------------------------------------------------

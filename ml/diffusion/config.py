@@ -37,9 +37,13 @@ class DiffusionConfig:
     after 1000 steps at 16 px); (32, 64, 64) x 2 layers reached colour 0.44 / position 0.89 on
     the same clean-caption run. It costs 2.5x the compute per image, so the toy model works at
     16 px (ShapeWorld's 32 px renders downsampled; the oracle still reads colour 98% and
-    position 100% right on them). Cross-attention sits at the lowest level (4x4 at 16 px) and
-    in the mid block only. With `vae_path` set the U-Net works on that local `AutoencoderKL`'s
-    latents instead (`image_size` stays the pixel size).
+    position 100% right on them). Cross-attention sits in the two lowest levels (8x8 and 4x4 at
+    16 px) and the mid block: on ground-truth descriptive captions of 1-4 objects, 1500 steps,
+    the 4x4 level alone gave colour 0.24 / position 0.06 (also after 3000 steps), 8x8 and 4x4
+    colour 0.28 / position 0.19, on the pipeline's DSC captions 0.25 / 0.14 against 0.14 / 0.08,
+    for 1.65x the compute per image; the 16x16 level too would cost another 2.5x. With
+    `vae_path` set the U-Net works on that local `AutoencoderKL`'s latents instead
+    (`image_size` stays the pixel size).
 
     Noise schedule. Cosine ("squaredcos_cap_v2") with v-prediction: epsilon prediction on a
     linear schedule left grey, noisy backgrounds after the same 1000 steps. Sampling uses DDIM
@@ -62,6 +66,7 @@ class DiffusionConfig:
     block_out_channels: tuple[int, ...] = (32, 64, 64)
     layers_per_block: int = 2
     attention_head_dim: int = 8
+    cross_attention_levels: int = 2  # the lowest-resolution levels that cross-attend the text
     norm_num_groups: int = 8
     vae_path: str = ""  # a local AutoencoderKL directory; "" trains in pixel space
     # noise schedule
@@ -89,7 +94,8 @@ class DiffusionConfig:
         self.block_out_channels = tuple(self.block_out_channels)  # JSON gives a list
         positive = (
             "image_size", "vocab_size", "text_dim", "text_layers", "text_heads", "text_ff_dim",
-            "max_text_length", "layers_per_block", "attention_head_dim", "norm_num_groups",
+            "max_text_length", "layers_per_block", "attention_head_dim", "cross_attention_levels",
+            "norm_num_groups",
             "num_train_timesteps", "steps", "batch_size", "log_every", "checkpoint_every",
             "keep_checkpoints",
         )  # fmt: skip
@@ -101,6 +107,11 @@ class DiffusionConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if len(self.block_out_channels) < 2:
             raise ValueError("block_out_channels needs at least two levels")
+        if self.cross_attention_levels > len(self.block_out_channels):
+            raise ValueError(
+                f"cross_attention_levels ({self.cross_attention_levels}) exceeds the U-Net's "
+                f"{len(self.block_out_channels)} levels"
+            )
         if any(c % self.norm_num_groups for c in self.block_out_channels):
             raise ValueError(
                 f"every block_out_channels entry must divide by norm_num_groups="

@@ -290,8 +290,8 @@ def build_pipeline(cfg: DiffusionConfig, corpus: Sequence[str] = ()) -> TextToIm
     """A fresh model for `cfg`, its random weights a function of `cfg.seed` alone (and its BPE
     vocabulary of the captions in `corpus`).
 
-    Cross-attention sits only in the lowest-resolution blocks (and the mid block): on CPU,
-    attention at higher resolutions costs most of the throughput.
+    Cross-attention sits only in the `cross_attention_levels` lowest-resolution levels (and the
+    mid block): on CPU, attention at higher resolutions costs most of the throughput.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
@@ -303,14 +303,15 @@ def build_pipeline(cfg: DiffusionConfig, corpus: Sequence[str] = ()) -> TextToIm
             vae.requires_grad_(False)
             channels = vae.config.latent_channels
             size //= 2 ** (len(vae.config.block_out_channels) - 1)
-        levels = len(cfg.block_out_channels)
+        plain = len(cfg.block_out_channels) - cfg.cross_attention_levels
+        attending = cfg.cross_attention_levels
         unet = UNet2DConditionModel(
             sample_size=size,
             in_channels=channels,
             out_channels=channels,
             block_out_channels=cfg.block_out_channels,
-            down_block_types=("DownBlock2D",) * (levels - 1) + ("CrossAttnDownBlock2D",),
-            up_block_types=("CrossAttnUpBlock2D",) + ("UpBlock2D",) * (levels - 1),
+            down_block_types=("DownBlock2D",) * plain + ("CrossAttnDownBlock2D",) * attending,
+            up_block_types=("CrossAttnUpBlock2D",) * attending + ("UpBlock2D",) * plain,
             layers_per_block=cfg.layers_per_block,
             attention_head_dim=cfg.attention_head_dim,
             norm_num_groups=cfg.norm_num_groups,
