@@ -38,9 +38,9 @@ class DiffusionConfig:
     the same clean-caption run. It costs 2.5x the compute per image, so the toy model works at
     16 px (ShapeWorld's 32 px renders downsampled; the oracle still reads colour 98% and
     position 100% right on them). Cross-attention sits in the two lowest levels (8x8 and 4x4 at
-    16 px) and the mid block: on ground-truth descriptive captions of 1-4 objects, 1500 steps,
-    the 4x4 level alone gave colour 0.24 / position 0.06 (also after 3000 steps), 8x8 and 4x4
-    colour 0.28 / position 0.19, on the pipeline's DSC captions 0.25 / 0.14 against 0.14 / 0.08,
+    16 px) and the mid block: on ground-truth descriptive captions of 1-4 objects, the 4x4 level
+    alone gave colour 0.24 / position 0.06 after 3000 steps, 8x8 and 4x4 colour 0.28 / position
+    0.19 after 1500; on the pipeline's DSC captions, 1500 steps, 0.25 / 0.14 against 0.14 / 0.08,
     for 1.65x the compute per image; the 16x16 level too would cost another 2.5x. With
     `vae_path` set the U-Net works on that local `AutoencoderKL`'s latents instead
     (`image_size` stays the pixel size).
@@ -95,9 +95,8 @@ class DiffusionConfig:
         positive = (
             "image_size", "vocab_size", "text_dim", "text_layers", "text_heads", "text_ff_dim",
             "max_text_length", "layers_per_block", "attention_head_dim", "cross_attention_levels",
-            "norm_num_groups",
-            "num_train_timesteps", "steps", "batch_size", "log_every", "checkpoint_every",
-            "keep_checkpoints",
+            "norm_num_groups", "num_train_timesteps", "steps", "batch_size", "log_every",
+            "checkpoint_every", "keep_checkpoints",
         )  # fmt: skip
         for name in positive:
             if getattr(self, name) < 1:

@@ -303,8 +303,8 @@ def build_pipeline(cfg: DiffusionConfig, corpus: Sequence[str] = ()) -> TextToIm
             vae.requires_grad_(False)
             channels = vae.config.latent_channels
             size //= 2 ** (len(vae.config.block_out_channels) - 1)
-        plain = len(cfg.block_out_channels) - cfg.cross_attention_levels
         attending = cfg.cross_attention_levels
+        plain = len(cfg.block_out_channels) - attending
         unet = UNet2DConditionModel(
             sample_size=size,
             in_channels=channels,
