@@ -78,8 +78,11 @@ def test_scenes_are_well_formed_and_round_trip():
         assert Scene.from_dict(json.loads(json.dumps(scene.to_dict()))) == scene
         assert CFG.min_objects <= len(scene.objects) <= CFG.max_objects
         assert len({o.position for o in scene.objects}) == len(scene.objects)
-        if any(o.size == "large" for o in scene.objects):
-            assert scene.objects[0].size == "large"
+        main, *others = scene.objects  # the main subject is visible: largest, then reading order
+        for other in others:
+            assert main.size == "large" or other.size == "small"
+            if other.size == main.size:
+                assert POSITIONS.index(main.position) < POSITIONS.index(other.position)
         assert all(o.color in visible_colors(scene.background) for o in scene.objects)
 
 

@@ -71,7 +71,8 @@ class SceneObject:
 
 @dataclass(frozen=True)
 class Scene:
-    """A scene graph; objects[0] is the main subject and is never smaller than another object."""
+    """A scene graph; objects[0] is the main subject: the first large object in reading order
+    (rows top to bottom, each left to right), or the first object if none is large."""
 
     background: str
     texture: str
@@ -142,10 +143,11 @@ def sample_scene(rng: random.Random, cfg: ShapeWorldConfig) -> Scene:
         SceneObject(rng.choice(SHAPES), rng.choice(colors), rng.choice(SIZES), position)
         for position in rng.sample(POSITIONS, n)
     ]
-    # The main subject is the largest object: move the first large one to the front.
-    large = [i for i, o in enumerate(objects) if o.size == "large"]
-    if large:
-        objects.insert(0, objects.pop(large[0]))
+    # The main subject must be visible in the image, or no captioner could name it: the largest
+    # object, ties going to the first in reading order. The rest keep their random order.
+    main = min(objects, key=lambda o: (o.size != "large", POSITIONS.index(o.position)))
+    objects.remove(main)
+    objects.insert(0, main)
     word = rng.choice(WORDS) if rng.random() < cfg.word_prob else None
     return Scene(background, texture, tuple(objects), word)
 
