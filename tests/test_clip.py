@@ -10,7 +10,11 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
+from PIL import Image
 
+from ml.captioner.features import clip_features
+from ml.captioner.model import CaptionerConfig
+from ml.captioner.stages import fit_to_clip
 from ml.clip import (
     ClipConfig,
     build_toy_clip,
@@ -29,17 +33,19 @@ from ml.data.shapeworld import Scene, ShapeWorldConfig, generate, visible_colors
 from ml.train import TrainConfig
 
 
-def tiny_config(**train: int | float) -> ClipConfig:
+def tiny_config(tower: str = "vit", **train: int | float) -> ClipConfig:
+    vision = {
+        "vit": {"vision_layers": 1, "vision_width": 32, "patch_size": 8},
+        "resnet": {"vision_layers": (1, 1, 1, 1), "vision_width": 8},
+    }[tower]
     return ClipConfig(
         embed_dim=32,
-        patch_size=8,
-        vision_width=32,
-        vision_layers=1,
         vision_head_width=16,
         text_width=32,
         text_layers=1,
         text_heads=2,
         train=TrainConfig(**train),
+        **vision,
     )
 
 
@@ -59,10 +65,11 @@ def eval_samples() -> list[Sample]:
     return list(generate(64, 0, ShapeWorldConfig(), "eval"))
 
 
+@pytest.mark.parametrize("tower", ["vit", "resnet"])
 def test_save_then_open_clip_local_dir_load_gives_identical_embeddings(
-    tmp_path: Path, eval_samples: list[Sample]
+    tower: str, tmp_path: Path, eval_samples: list[Sample]
 ) -> None:
-    cfg = tiny_config()
+    cfg = tiny_config(tower)
     model = build_toy_clip(cfg)
     preprocess, tokenizer = toy_transforms(cfg)
     save_clip(model, cfg, tmp_path)
@@ -114,11 +121,42 @@ def test_pretrained_source_loads_a_local_checkpoint_file(tmp_path: Path) -> None
     assert tokenizer("a red circle").shape == (1, cfg.context_length)
 
 
-def test_bad_source_names_the_field() -> None:
+def test_bad_config_names_the_field() -> None:
     with pytest.raises(ValueError, match="source"):
         ClipConfig(source="hub")
     with pytest.raises(ValueError, match="checkpoint"):
         ClipConfig(source="pretrained")
+    with pytest.raises(ValueError, match="vision_layers"):
+        ClipConfig(vision_layers=(1, 1, 1))
+    with pytest.raises(ValueError, match="vision_layers"):
+        ClipConfig(image_size=48)
+    with pytest.raises(ValueError, match="patch_size"):
+        ClipConfig(vision_layers=3, image_size=30)
+    assert ClipConfig(vision_layers=[2, 1, 1, 1]).vision_layers == (2, 1, 1, 1)  # as YAML has it
+
+
+@pytest.mark.parametrize(("tower", "grid", "token_dim"), [("vit", 4, 32), ("resnet", 8, 32)])
+def test_captioner_features_keep_a_grid_of_image_tokens(
+    tower: str, grid: int, token_dim: int, eval_samples: list[Sample]
+) -> None:
+    cfg = tiny_config(tower)
+    model = build_toy_clip(cfg).eval()
+    preprocess, _ = toy_transforms(cfg)
+    fitted = fit_to_clip(CaptionerConfig(), model, preprocess, patch_tokens=True)
+    assert (fitted.clip_dim, fitted.token_grid, fitted.token_dim) == (32, grid, token_dim)
+    images = [s.image for s in eval_samples[:3]]
+    features = clip_features(model, preprocess, images, batch_size=2)
+    assert features.shape == (3, fitted.feature_dim)
+    torch.testing.assert_close(features[:, :32], encode_images(model, preprocess, images))
+    tokens = features[:, 32:].view(3, grid * grid, token_dim)  # each one layer-normalised
+    torch.testing.assert_close(tokens.mean(-1), torch.zeros(3, grid * grid), atol=1e-4, rtol=0)
+    # tokens are local: an object in the top-left cell changes the top-left tokens most
+    blank = Image.new("RGB", (32, 32), "gray")
+    marked = blank.copy()
+    marked.paste((220, 40, 40), (2, 2, 10, 10))
+    a, b = clip_features(model, preprocess, [blank, marked])[:, 32:].view(2, grid, grid, -1)
+    change = (a - b).norm(dim=-1)
+    assert change[0, 0] > change[-1, -1]
 
 
 def test_embeddings_are_l2_normalised(eval_samples: list[Sample]) -> None:

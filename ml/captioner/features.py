@@ -2,19 +2,42 @@
 
 Computed once per image and cached in one tensor, so the CLIP never runs during captioner
 training. A row is F(i), the L2-normalised pooled embedding that `ml.clip.encode_images`
-returns, optionally followed by the vision transformer's last-layer patch tokens (through its
-final LayerNorm, as the pooled token is), flattened in row-major order: a toy CLIP's pooled
-vector keeps too little of where each object is and what it looks like (see
-`ml.captioner.model`).
+returns, optionally followed by a grid of tokens from inside the image tower, flattened in
+row-major order: a toy CLIP's pooled vector keeps too little of where each object is and what
+it looks like (see `ml.captioner.model`).
 """
 
 from collections.abc import Sequence
 
 import open_clip
 import torch
+import torch.nn.functional as F
+from open_clip.modified_resnet import ModifiedResNet
 from PIL import Image
 
 from ml.clip import Preprocess
+
+
+def image_tokens(clip: open_clip.CLIP, pixels: torch.Tensor) -> torch.Tensor:
+    """(batch, token_dim, grid, grid) tokens of preprocessed images, each layer-normalised.
+
+    A ResNet gives the map after its first stage (stride 4: 8x8 for 32-pixel images), the
+    finest one past the stem; its later stages pool ShapeWorld's objects away (1x1 at the
+    end). A vision transformer gives its last block's patch tokens, through its final
+    LayerNorm, as the pooled token goes.
+    """
+    visual = clip.visual
+    if isinstance(visual, ModifiedResNet):
+        tokens = visual.layer1(visual.stem(pixels.to(visual.conv1.weight.dtype)))
+        return F.layer_norm(tokens.transpose(1, 3), tokens.shape[1:2]).transpose(1, 3)
+    out = clip.forward_intermediates(
+        image=pixels,
+        image_indices=1,  # the last block
+        normalize_intermediates=True,
+        intermediates_only=True,
+        image_output_fmt="NCHW",
+    )
+    return out["image_intermediates"][-1]
 
 
 @torch.no_grad()
@@ -30,16 +53,9 @@ def clip_features(
     rows = []
     for start in range(0, len(images), batch_size):
         pixels = torch.stack([preprocess(image) for image in images[start : start + batch_size]])
-        out = clip.forward_intermediates(
-            image=pixels,
-            image_indices=1,  # the last block
-            normalize=True,
-            normalize_intermediates=True,
-            image_output_fmt="NCHW",
-        )
-        pooled = out["image_features"]
+        row = clip.encode_image(pixels, normalize=True)
         if patch_tokens:
-            tokens = out["image_intermediates"][-1]  # (batch, token_dim, grid, grid)
-            pooled = torch.cat([pooled, tokens.flatten(2).transpose(1, 2).flatten(1)], dim=1)
-        rows.append(pooled)
+            tokens = image_tokens(clip, pixels)
+            row = torch.cat([row, tokens.flatten(2).transpose(1, 2).flatten(1)], dim=1)
+        rows.append(row)
     return torch.cat(rows)

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from ml.captioner.evaluate import evaluate_dsc, evaluate_ssc
-from ml.captioner.features import clip_features
+from ml.captioner.features import clip_features, image_tokens
 from ml.captioner.generate import generate_captions
 from ml.captioner.model import Captioner, CaptionerConfig
 from ml.captioner.tokenizer import train_tokenizer
@@ -58,12 +58,12 @@ def fit_to_clip(
     model_cfg: CaptionerConfig, clip: open_clip.CLIP, preprocess: Preprocess, patch_tokens: bool
 ) -> CaptionerConfig:
     """The captioner's input widths, read off the CLIP itself, whatever its architecture."""
-    probe = [Image.new("RGB", (32, 32))]
-    clip_dim = clip_features(clip, preprocess, probe, patch_tokens=False).shape[1]
-    if not patch_tokens:
-        return replace(model_cfg, clip_dim=clip_dim, token_grid=0, token_dim=0)
-    grid = clip.visual.grid_size[0]
-    token_dim = (clip_features(clip, preprocess, probe).shape[1] - clip_dim) // grid**2
+    pixels = preprocess(Image.new("RGB", (32, 32))).unsqueeze(0)
+    with torch.no_grad():
+        clip_dim = clip.encode_image(pixels).shape[1]
+        if not patch_tokens:
+            return replace(model_cfg, clip_dim=clip_dim, token_grid=0, token_dim=0)
+        _, token_dim, grid, _ = image_tokens(clip, pixels).shape
     return replace(model_cfg, clip_dim=clip_dim, token_grid=grid, token_dim=token_dim)
 
 
