@@ -37,7 +37,7 @@ class CaptionerStageConfig:
     model: CaptionerConfig = field(default_factory=CaptionerConfig)
     vocab_size: int = 512
     max_new_tokens: int = 80
-    patch_tokens: bool = True  # also condition on the CLIP's patch tokens, not F(i) alone
+    patch_tokens: bool = True  # also condition on the CLIP's grid of image tokens (image_tokens)
 
 
 def stage_captions(stage: str, samples: Sequence[Sample]) -> list[str]:
