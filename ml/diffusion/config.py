@@ -74,7 +74,7 @@ class DiffusionConfig:
     beta_schedule: str = "squaredcos_cap_v2"
     prediction_type: str = "v_prediction"
     # training
-    steps: int = 1500
+    steps: int = 3000
     batch_size: int = 32
     lr: float = 2e-3
     warmup_steps: int = 50
