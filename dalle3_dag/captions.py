@@ -9,7 +9,7 @@ import mlflow
 
 from dalle3_dag.config import TrainParams
 from dalle3_dag.metadata import captioned_images
-from dalle3_dag.project import resolve
+from dalle3_dag.project import TRAINING_TAGS, resolve
 from dalle3_dag.resources import DvcResource, MlflowResource, StorageResource
 from dalle3_dag.versioning import commit, log_step, read_metrics, tracked_run, write_metrics
 from ml.captioner.model import Captioner
@@ -51,6 +51,7 @@ class ClipParams(dg.Config):
     deps=[RAW],
     group_name="captioner",
     kinds={"pytorch", "mlflow", "dvc"},
+    op_tags=TRAINING_TAGS,
     code_version="1",
     description=(
         "The CLIP behind the captioner's F(i) and CLIP-S, in open_clip's local-dir layout: a "
@@ -154,6 +155,7 @@ def captioner_asset(stage: str) -> dg.AssetsDefinition:
         deps=deps,
         group_name="captioner",
         kinds={"pytorch", "transformers", "mlflow", "dvc"},
+        op_tags=TRAINING_TAGS,
         code_version="1",
         description=CAPTIONER_DESCRIPTIONS[stage],
     )

@@ -14,7 +14,7 @@ import mlflow
 import torch
 from PIL import Image
 
-from dalle3_dag.project import load_params, resolve
+from dalle3_dag.project import TRAINING_TAGS, load_params, resolve
 from dalle3_dag.resources import DvcResource, MlflowResource, StorageResource
 from dalle3_dag.versioning import commit, log_step, read_metrics, tracked_run, write_metrics
 from ml.diffusion.config import DiffusionConfig
@@ -127,6 +127,7 @@ def score_saved(
     deps=[MIX],
     group_name="text_to_image",
     kinds={"pytorch", "diffusers", "mlflow", "dvc"},
+    op_tags=TRAINING_TAGS,
     code_version="1",
     description=(
         "The T5-conditioned U-Net diffusion model trained on the blended training set "
@@ -185,6 +186,7 @@ def diffusion_model(
     deps=[DIFFUSION, MIX],
     group_name="text_to_image",
     kinds={"pytorch", "diffusers", "mlflow", "dvc"},
+    op_tags=TRAINING_TAGS,
     code_version="1",
     description=(
         "The diffusion model consistency-distilled (LCM) into a student that samples in 2 "

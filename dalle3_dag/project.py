@@ -18,6 +18,12 @@ PROJECT_DIR = Path(os.environ.get("DALLE3_PROJECT_DIR", Path(__file__).resolve()
 
 T = TypeVar("T")
 
+# Op tags of the steps that train a model. Each uses every core (torch's default thread count),
+# so two side by side stall each other at every thread barrier: in one make run captioner_ssc
+# and captioner_dsc together took 27 and 33 minutes for about 16 minutes of work. The
+# executor in `definitions` runs them one at a time.
+TRAINING_TAGS = {"dalle3/compute": "training"}
+
 
 def params_path(project_dir: Path = PROJECT_DIR) -> Path:
     return Path(os.environ.get("DALLE3_PARAMS", project_dir / "params.yaml"))

@@ -52,3 +52,25 @@ def test_cli_materialize_versions_tracks_and_reproduces(project, s3_server):
     run([*dvc, "push"], project)
     listed = boto3.client("s3", endpoint_url=s3_server).list_objects_v2(Bucket="dvc")
     assert listed["KeyCount"] > 1
+
+
+def test_cli_runs_training_steps_one_at_a_time(project):
+    """captioner_ssc and captioner_dsc could run side by side; the executor's tag limit keeps
+    them apart, so neither stalls the other's threads."""
+    select = " or ".join(
+        f"key:{key}"
+        for key in ("raw_pairs", "clip_encoder", "captioner_base", "captioner_ssc", "captioner_dsc")
+    )
+    run([str(BIN / "dagster"), "asset", "materialize", "-m", "dalle3_dag.definitions",
+         "--select", select], project)
+    os.environ["DAGSTER_HOME"] = str(project.root / ".dagster")
+    with dg.DagsterInstance.get() as instance:
+        run_id = instance.get_latest_materialization_event(dg.AssetKey("captioner_dsc")).run_id
+        events = instance.all_logs(
+            run_id, of_type={dg.DagsterEventType.STEP_START, dg.DagsterEventType.STEP_SUCCESS}
+        )
+    spans: dict[str, list[float]] = {}
+    for event in events:
+        spans.setdefault(event.step_key, []).append(event.timestamp)
+    (ssc_start, ssc_end), (dsc_start, dsc_end) = spans["captioner_ssc"], spans["captioner_dsc"]
+    assert ssc_end <= dsc_start or dsc_end <= ssc_start, spans
