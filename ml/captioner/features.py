@@ -18,8 +18,11 @@ from PIL import Image
 from ml.clip import Preprocess
 
 
-def image_tokens(clip: open_clip.CLIP, pixels: torch.Tensor) -> torch.Tensor:
-    """(batch, token_dim, grid, grid) tokens of preprocessed images, each layer-normalised.
+def encode_with_tokens(
+    clip: open_clip.CLIP, pixels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """F(i) of preprocessed images, L2-normalised as `ml.clip.encode_images` gives it, and a
+    (batch, token_dim, grid, grid) grid of tokens, each layer-normalised; one pass of the tower.
 
     A ResNet gives the map after its first stage (stride 4: 8x8 for 32-pixel images), the
     finest one past the stem; its later stages pool ShapeWorld's objects away (1x1 at the
@@ -28,16 +31,19 @@ def image_tokens(clip: open_clip.CLIP, pixels: torch.Tensor) -> torch.Tensor:
     """
     visual = clip.visual
     if isinstance(visual, ModifiedResNet):
-        tokens = visual.layer1(visual.stem(pixels.to(visual.conv1.weight.dtype)))
-        return F.layer_norm(tokens.transpose(1, 3), tokens.shape[1:2]).transpose(1, 3)
+        # ModifiedResNet.forward, stage by stage, keeping the first stage's map.
+        first = visual.layer1(visual.stem(pixels.to(visual.conv1.weight.dtype)))
+        pooled = visual.attnpool(visual.layer4(visual.layer3(visual.layer2(first))))
+        tokens = F.layer_norm(first.transpose(1, 3), first.shape[1:2]).transpose(1, 3)
+        return F.normalize(pooled, dim=-1), tokens
     out = clip.forward_intermediates(
         image=pixels,
         image_indices=1,  # the last block
+        normalize=True,
         normalize_intermediates=True,
-        intermediates_only=True,
         image_output_fmt="NCHW",
     )
-    return out["image_intermediates"][-1]
+    return out["image_features"], out["image_intermediates"][-1]
 
 
 @torch.no_grad()
@@ -53,9 +59,9 @@ def clip_features(
     rows = []
     for start in range(0, len(images), batch_size):
         pixels = torch.stack([preprocess(image) for image in images[start : start + batch_size]])
-        row = clip.encode_image(pixels, normalize=True)
         if patch_tokens:
-            tokens = image_tokens(clip, pixels)
-            row = torch.cat([row, tokens.flatten(2).transpose(1, 2).flatten(1)], dim=1)
-        rows.append(row)
+            pooled, tokens = encode_with_tokens(clip, pixels)
+            rows.append(torch.cat([pooled, tokens.flatten(2).transpose(1, 2).flatten(1)], dim=1))
+        else:
+            rows.append(clip.encode_image(pixels, normalize=True))
     return torch.cat(rows)

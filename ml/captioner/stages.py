@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from ml.captioner.evaluate import evaluate_dsc, evaluate_ssc
-from ml.captioner.features import clip_features, image_tokens
+from ml.captioner.features import clip_features, encode_with_tokens
 from ml.captioner.generate import generate_captions
 from ml.captioner.model import Captioner, CaptionerConfig
 from ml.captioner.tokenizer import train_tokenizer
@@ -37,7 +37,7 @@ class CaptionerStageConfig:
     model: CaptionerConfig = field(default_factory=CaptionerConfig)
     vocab_size: int = 512
     max_new_tokens: int = 80
-    patch_tokens: bool = True  # also condition on the CLIP's grid of image tokens (image_tokens)
+    patch_tokens: bool = True  # also condition on the CLIP's grid of image tokens
 
 
 def stage_captions(stage: str, samples: Sequence[Sample]) -> list[str]:
@@ -58,13 +58,12 @@ def fit_to_clip(
     model_cfg: CaptionerConfig, clip: open_clip.CLIP, preprocess: Preprocess, patch_tokens: bool
 ) -> CaptionerConfig:
     """The captioner's input widths, read off the CLIP itself, whatever its architecture."""
-    pixels = preprocess(Image.new("RGB", (32, 32))).unsqueeze(0)
     with torch.no_grad():
-        clip_dim = clip.encode_image(pixels).shape[1]
-        if not patch_tokens:
-            return replace(model_cfg, clip_dim=clip_dim, token_grid=0, token_dim=0)
-        _, token_dim, grid, _ = image_tokens(clip, pixels).shape
-    return replace(model_cfg, clip_dim=clip_dim, token_grid=grid, token_dim=token_dim)
+        pooled, tokens = encode_with_tokens(clip, preprocess(Image.new("RGB", (32, 32)))[None])
+    if not patch_tokens:
+        return replace(model_cfg, clip_dim=pooled.shape[1], token_grid=0, token_dim=0)
+    _, token_dim, grid, _ = tokens.shape
+    return replace(model_cfg, clip_dim=pooled.shape[1], token_grid=grid, token_dim=token_dim)
 
 
 def train_stage(
