@@ -107,7 +107,10 @@ def test_whole_graph_end_to_end(project, instance, tmp_path):
     # a tiny, barely trained captioner writes some empty captions: they fall back and count
     sources = ("synthetic", "original", "fallback_original", "fallback_synthetic", "empty")
     assert sum(blend[name].value for name in sources) == blend["samples"].value == 64
-    assert blend["synthetic"].value > blend["original"].value  # p = 0.95
+    # p = 0.95: whichever caption ends up used, the draw picked the synthetic side far more often
+    # (how many of the tiny captioner's captions are blank varies with its random start)
+    picked_synthetic = blend["synthetic"].value + blend["fallback_original"].value
+    assert picked_synthetic > blend["original"].value + blend["fallback_synthetic"].value
     manifest = MixManifest.load(project.storage.asset_dir("mixed_training_set") / "manifest.json")
     assert manifest.synthetic_ratio == 0.95 and len(manifest.shards) == 2
     seen = [row["key"] for row in BlendedDataset(manifest)]
