@@ -20,6 +20,11 @@ def run(cmd: list[str], project, **env: str) -> str:
     return proc.stdout + proc.stderr
 
 
+def cli_instance(project) -> dg.DagsterInstance:
+    """The Dagster instance the CLI runs wrote to, opened without touching this process's env."""
+    return dg.DagsterInstance.from_config(str(project.root / ".dagster"))
+
+
 def test_cli_materialize_versions_tracks_and_reproduces(project, s3_server):
     run([str(BIN / "dagster"), "asset", "materialize", "-m", "dalle3_dag.definitions",
          "--select", "raw_pairs"], project)
@@ -29,8 +34,7 @@ def test_cli_materialize_versions_tracks_and_reproduces(project, s3_server):
     # DVC agrees the stage is not stale, and the hash is the Dagster data version
     status = run([sys.executable, "-m", "dvc", "status", "raw_pairs"], project)
     assert "up to date" in status, status
-    os.environ["DAGSTER_HOME"] = str(project.root / ".dagster")
-    with dg.DagsterInstance.get() as instance:
+    with cli_instance(project) as instance:
         event = instance.get_latest_materialization_event(dg.AssetKey("raw_pairs"))
         materialization = event.asset_materialization
         assert materialization.tags["dagster/data_version"] == data_hash
@@ -63,8 +67,7 @@ def test_cli_runs_training_steps_one_at_a_time(project):
     )
     run([str(BIN / "dagster"), "asset", "materialize", "-m", "dalle3_dag.definitions",
          "--select", select], project)
-    os.environ["DAGSTER_HOME"] = str(project.root / ".dagster")
-    with dg.DagsterInstance.get() as instance:
+    with cli_instance(project) as instance:
         run_id = instance.get_latest_materialization_event(dg.AssetKey("captioner_dsc")).run_id
         events = instance.all_logs(
             run_id, of_type={dg.DagsterEventType.STEP_START, dg.DagsterEventType.STEP_SUCCESS}
