@@ -34,7 +34,7 @@ from ml.viz import image_grid
 
 RAW = "raw_pairs"
 CLIP = "clip_encoder"
-MIN_PAIRWISE_PREFERENCE = 0.8
+MIN_COLOR_PREFERENCE = 0.8
 
 
 class ClipParams(dg.Config):
@@ -82,9 +82,10 @@ def clip_encoder(
             recall = retrieval_recall(model, preprocess, tokenizer, held_out)
             # MLflow metric names take no '@'
             metrics = {name.replace("@", "_at_"): value for name, value in recall.items()}
-            metrics["pairwise_preference"] = pairwise_preference(
-                model, preprocess, tokenizer, held_out
-            )
+            for attribute in ("color", "shape"):
+                metrics[f"{attribute}_preference"] = pairwise_preference(
+                    model, preprocess, tokenizer, held_out, attribute
+                )
             write_metrics(out, metrics)
         mlflow.log_metrics(metrics)
         return commit(
@@ -105,13 +106,13 @@ def clip_encoder(
     asset=CLIP,
     description=(
         "The CLIP ranks an image's own descriptive caption above that of the same scene with "
-        f"one object recoloured, for at least {MIN_PAIRWISE_PREFERENCE:.0%} of held-out images."
+        f"one object recoloured, for at least {MIN_COLOR_PREFERENCE:.0%} of held-out images."
     ),
 )
 def clip_encoder_binds_attributes(storage: StorageResource) -> dg.AssetCheckResult:
     metrics = read_metrics(storage.asset_dir(CLIP))
     passed = (
-        metrics["pairwise_preference"] >= MIN_PAIRWISE_PREFERENCE
+        metrics["color_preference"] >= MIN_COLOR_PREFERENCE
         and metrics["recall_at_5"] > metrics["chance_at_5"]
     )
     return dg.AssetCheckResult(passed=passed, metadata=metrics)

@@ -25,7 +25,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from ml.data.sample import Sample
-from ml.data.shapeworld import Scene, descriptive_caption, visible_colors
+from ml.data.shapeworld import SHAPES, Scene, descriptive_caption, visible_colors
 from ml.train import TrainConfig, train
 
 SOURCES = ("toy", "pretrained")
@@ -63,7 +63,10 @@ class ClipConfig:
     than the same ViT untrained. A wider, deeper ViT or 2-pixel patches did not help either, at
     3-5x the cost. Width is what the captioner gains from: an SSC fine-tune of 1500 steps
     names the main object right 0.50 of the time on width 16 and 0.59 on width 32; four times
-    the CLIP's training scenes (0.49) or 64-pixel inputs (0.36) do not help.
+    the CLIP's training scenes (0.49) or 64-pixel inputs (0.36) do not help. Shape-changed hard
+    negatives (`hard_negatives`) do: the width-32 CLIP prefers a scene's true caption over the
+    one with a shape changed 0.79 of the time instead of 0.70, and the SSC fine-tune names the
+    main object right 0.65 of the time instead of 0.59.
     Text keeps open_clip's BPE vocabulary so its tokenizer works offline; 64 tokens fit
     ShapeWorld's longest descriptive captions (62 tokens).
     """
@@ -82,6 +85,7 @@ class ClipConfig:
     text_heads: int = 2
     context_length: int = 64
     max_shift: int = 2  # random translation in pixels; never a flip, as positions are facts
+    hard_negatives: bool = True  # add each scene's caption with one shape changed as a negative
     train: TrainConfig = field(default_factory=_toy_train)
 
     def __post_init__(self) -> None:
@@ -164,10 +168,16 @@ def train_toy_clip(
     cfg: ClipConfig,
     log: Callable[[int, dict[str, float]], None] = lambda step, metrics: None,
 ) -> open_clip.CLIP:
-    """Train a toy CLIP with the CLIP loss on images and their descriptive captions.
+    """Train a toy CLIP with the CLIP loss on images and descriptive captions of their scenes.
 
-    Images and captions are preprocessed and tokenized once up front: at 32 pixels that is a
-    few MB, and it leaves each step with nothing but the model to compute.
+    In-batch negatives alone are too easy: captions of different scenes differ in many words,
+    so the loss falls near zero while the image tower still confuses a square with a circle.
+    With `hard_negatives`, each image also meets its own scene's caption with one object's
+    shape changed (NegCLIP's recipe), which only an encoder that sees shapes can reject.
+    Captions are written afresh each step from the scene graph (a new template and object
+    order), and the pair of true and altered captions shares one template, so the shape word
+    is all that tells them apart. Images are preprocessed once up front: at 32 pixels that is
+    a few MB.
     """
     if cfg.source != "toy":
         raise ValueError(f"ClipConfig.source must be 'toy' to train, got {cfg.source!r}")
@@ -178,34 +188,49 @@ def train_toy_clip(
     model = build_toy_clip(cfg)
     preprocess, tokenizer = toy_transforms(cfg)
     images = torch.stack([preprocess(s.image) for s in samples])
-    token_ids = tokenizer([s.meta["descriptive_caption"] for s in samples])
-    loss = open_clip.ClipLoss()
+    scenes = [Scene.from_dict(s.meta["scene"]) for s in samples]
 
     def loss_fn(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():
             model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-        image_features, text_features, logit_scale = model(*batch)
-        return loss(image_features, text_features, logit_scale)
+        pixels, token_ids = batch
+        image_features, text_features, logit_scale = model(pixels, token_ids)
+        n = len(pixels)
+        positives, negatives = text_features[:n], text_features[n:]
+        labels = torch.arange(n)
+        image_logits = logit_scale * image_features @ torch.cat([positives, negatives]).T
+        text_logits = logit_scale * positives @ image_features.T
+        return (F.cross_entropy(image_logits, labels) + F.cross_entropy(text_logits, labels)) / 2
 
-    batches = _batches(images, token_ids, cfg)
+    batches = clip_batches(images, scenes, tokenizer, cfg)
     train(model, batches, loss_fn, cfg.train, log)
     return model
 
 
-def _batches(
-    images: torch.Tensor, token_ids: torch.Tensor, cfg: ClipConfig
+def clip_batches(
+    images: torch.Tensor, scenes: list[Scene], tokenizer: Tokenizer, cfg: ClipConfig
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless (images, token ids) batches from seeded shuffles, each without repeats.
 
-    Repeats would put a sample's own caption among its negatives.
+    Repeats would put a sample's own caption among its negatives. The token ids hold one
+    caption per image, then (with `hard_negatives`) one shape-altered caption per image.
     """
     generator = torch.Generator().manual_seed(cfg.train.seed)
+    rng = random.Random(cfg.train.seed)
     n, size = len(images), cfg.train.batch_size
     while True:
         order = torch.randperm(n, generator=generator)
         for start in range(0, n - size + 1, size):
             index = order[start : start + size]
-            yield _shift(images[index], cfg.max_shift, generator), token_ids[index]
+            true_captions, false_captions = [], []
+            for i in index.tolist():
+                template = rng.random()
+                true_captions.append(descriptive_caption(scenes[i], random.Random(template)))
+                if cfg.hard_negatives:
+                    altered = change_one(scenes[i], rng, "shape")
+                    false_captions.append(descriptive_caption(altered, random.Random(template)))
+            token_ids = tokenizer(true_captions + false_captions)
+            yield _shift(images[index], cfg.max_shift, generator), token_ids
 
 
 def _shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -329,13 +354,19 @@ def retrieval_recall(
     return metrics
 
 
-def recolour_one(scene: Scene, rng: random.Random) -> Scene:
-    """The same scene with one object in another colour that still shows on the background."""
+def change_one(scene: Scene, rng: random.Random, attribute: str) -> Scene:
+    """The same scene with one object's `attribute` ('color' or 'shape') changed; a new colour
+    is one that still shows on the background."""
     i = rng.randrange(len(scene.objects))
     obj = scene.objects[i]
-    color = rng.choice([c for c in visible_colors(scene.background) if c != obj.color])
-    objects = scene.objects[:i] + (replace(obj, color=color),) + scene.objects[i + 1 :]
-    return replace(scene, objects=objects)
+    if attribute == "color":
+        choices = [c for c in visible_colors(scene.background) if c != obj.color]
+    elif attribute == "shape":
+        choices = [s for s in SHAPES if s != obj.shape]
+    else:
+        raise ValueError(f"attribute must be 'color' or 'shape', got {attribute!r}")
+    changed = replace(obj, **{attribute: rng.choice(choices)})
+    return replace(scene, objects=scene.objects[:i] + (changed,) + scene.objects[i + 1 :])
 
 
 def pairwise_preference(
@@ -343,19 +374,20 @@ def pairwise_preference(
     preprocess: Preprocess,
     tokenizer: Tokenizer,
     samples: Sequence[Sample],
+    attribute: str = "color",
     seed: int = 0,
 ) -> float:
     """Fraction of images that score their true descriptive caption above the caption of the
-    same scene with one object recoloured.
+    same scene with one object's `attribute` ('color' or 'shape') changed.
 
     Both captions are written with the same seeded template and object order, so they differ
-    in that one colour word only and sentence form cannot decide the comparison.
+    in that one word only and sentence form cannot decide the comparison.
     """
     true_captions, false_captions = [], []
     for s in samples:
         scene = Scene.from_dict(s.meta["scene"])
         rng = random.Random(f"{seed}/{s.key}")
-        false_scene = recolour_one(scene, rng)
+        false_scene = change_one(scene, rng, attribute)
         caption_seed = rng.random()
         true_captions.append(descriptive_caption(scene, random.Random(caption_seed)))
         false_captions.append(descriptive_caption(false_scene, random.Random(caption_seed)))

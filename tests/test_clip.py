@@ -18,18 +18,19 @@ from ml.captioner.stages import fit_to_clip
 from ml.clip import (
     ClipConfig,
     build_toy_clip,
+    change_one,
+    clip_batches,
     encode_images,
     encode_texts,
     load_clip,
     pairwise_preference,
-    recolour_one,
     retrieval_recall,
     save_clip,
     toy_transforms,
     train_toy_clip,
 )
 from ml.data.sample import Sample
-from ml.data.shapeworld import Scene, ShapeWorldConfig, generate, visible_colors
+from ml.data.shapeworld import SHAPES, Scene, ShapeWorldConfig, generate, visible_colors
 from ml.train import TrainConfig
 
 
@@ -171,17 +172,51 @@ def test_embeddings_are_l2_normalised(eval_samples: list[Sample]) -> None:
     torch.testing.assert_close(texts.norm(dim=1), ones)
 
 
-def test_recolour_one_changes_exactly_one_colour_to_a_visible_one() -> None:
+@pytest.mark.parametrize("attribute", ["color", "shape"])
+def test_change_one_changes_exactly_one_attribute_of_one_object(attribute: str) -> None:
     rng = random.Random(0)
     for sample in generate(20, 0, ShapeWorldConfig(), "eval"):
         scene = Scene.from_dict(sample.meta["scene"])
-        changed = recolour_one(scene, rng)
+        changed = change_one(scene, rng, attribute)
+        assert (changed.background, changed.texture, changed.word) == (
+            scene.background,
+            scene.texture,
+            scene.word,
+        )
         diffs = [(a, b) for a, b in zip(scene.objects, changed.objects, strict=True) if a != b]
         assert len(diffs) == 1
         before, after = diffs[0]
-        assert before.color != after.color
+        assert getattr(before, attribute) != getattr(after, attribute)
         assert after.color in visible_colors(scene.background)
-        assert replace(after, color=before.color) == before
+        assert replace(after, **{attribute: getattr(before, attribute)}) == before
+
+
+def test_change_one_rejects_an_unknown_attribute() -> None:
+    scene = Scene.from_dict(next(iter(generate(1, 0, ShapeWorldConfig(), "eval"))).meta["scene"])
+    with pytest.raises(ValueError, match="'size'"):
+        change_one(scene, random.Random(0), "size")
+
+
+def test_each_hard_negative_differs_from_its_caption_in_one_shape_word() -> None:
+    cfg = tiny_config(batch_size=8)
+    samples = list(generate(16, 0, ShapeWorldConfig(), "clip"))
+    preprocess, tokenizer = toy_transforms(cfg)
+    images = torch.stack([preprocess(s.image) for s in samples])
+    scenes = [Scene.from_dict(s.meta["scene"]) for s in samples]
+    pixels, token_ids = next(clip_batches(images, scenes, tokenizer, cfg))
+    assert pixels.shape == (8, 3, 32, 32) and token_ids.shape == (16, cfg.context_length)
+    decode = open_clip.SimpleTokenizer().decode
+    shapes = set(SHAPES)
+    for true_ids, false_ids in zip(token_ids[:8], token_ids[8:], strict=True):
+        true_words = decode(true_ids[true_ids > 0].tolist()).split()
+        false_words = decode(false_ids[false_ids > 0].tolist()).split()
+        assert len(true_words) == len(false_words)
+        diffs = [(a, b) for a, b in zip(true_words, false_words, strict=True) if a != b]
+        assert len(diffs) == 1 and set(diffs[0]) <= shapes
+
+    plain = replace(cfg, hard_negatives=False)
+    _, token_ids = next(clip_batches(images, scenes, tokenizer, plain))
+    assert token_ids.shape == (8, cfg.context_length)
 
 
 def test_short_training_lowers_the_loss_and_beats_chance_on_held_out_scenes(
