@@ -41,7 +41,7 @@ SIGMA_DATA = 0.5  # the data scale the boundary scalings assume (Karras et al., 
 class DistillConfig:
     """How the student learns; the defaults are the toy profile's."""
 
-    steps: int = 300
+    steps: int = 600
     batch_size: int = 16
     lr: float = 2e-4
     warmup_steps: int = 20
