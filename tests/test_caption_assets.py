@@ -67,6 +67,8 @@ def test_whole_graph_end_to_end(project, instance, tmp_path):
     open_clip.create_model_and_transforms(f"local-dir:{clip_dir}")
     (clip_event,) = result.asset_materializations_for_node("clip_encoder")
     assert clip_event.metadata["recall_at_5"].value > 0
+    for attribute in ("color", "shape"):
+        assert 0.0 <= clip_event.metadata[f"{attribute}_preference"].value <= 1.0
 
     # captioners: each one a finished MLflow run and a registered model version
     mlflow.set_tracking_uri(project.mlflow.resolved_uri())
