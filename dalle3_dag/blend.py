@@ -1,24 +1,28 @@
 """`recaptioned_dataset` (one partition per shard) and `mixed_training_set` (the blend)."""
 
 import itertools
+import json
 import math
 import os
+from dataclasses import asdict
+from pathlib import Path
 
 import dagster as dg
 import mlflow
 
 from dalle3_dag.metadata import captioned_images
 from dalle3_dag.partitions import SHARDS
-from dalle3_dag.project import resolve
+from dalle3_dag.project import effective_params, resolve
 from dalle3_dag.resources import DvcResource, MlflowResource, StorageResource
-from dalle3_dag.versioning import commit, tracked_run
+from dalle3_dag.versioning import check_specs, commit, folder_check, staged, tracked_run
 from ml.captioner.stages import ImageCaptioner
 from ml.data.mixed import BlendConfig, MixManifest, blend_stats
 from ml.data.recaption import RecaptionConfig, read_sidecar, recaption_shard
-from ml.data.shards import ReadStats, read_shard
+from ml.data.shards import ReadStats, read_shard, write_atomic
 
 RAW, CLIP, RECAP, MIX = "raw_pairs", "clip_encoder", "recaptioned_dataset", "mixed_training_set"
 SYNTHETIC = ("ssc", "dsc")
+MANIFEST = "manifest.json"
 EXAMPLES = 6
 
 
@@ -76,20 +80,19 @@ def recaptioned_dataset(
             for s in firsts
             if s.key in rows
         ]
-        return commit(
-            RECAP,
-            storage,
-            dvc,
-            {
-                "samples": dg.MetadataValue.int(result.samples),
-                "samples_per_s": dg.MetadataValue.float(round(result.samples_per_s, 1)),
-                "resumed_from_existing_sidecar": result.skipped_existing,
-                "skipped": dg.MetadataValue.json(vars(result.skipped)),
-                "caption_words": dg.MetadataValue.json(result.caption_stats),
-                "captioner_version": version,
-                "examples": captioned_images(examples),
-            },
-        )
+        # Each partition's sidecar sits beside the effective config that made it.
+        config_file = out.with_suffix(".config.json")
+        write_atomic(config_file, json.dumps(asdict(cfg), indent=2, sort_keys=True).encode())
+        metadata = {
+            "samples": dg.MetadataValue.int(result.samples),
+            "samples_per_s": dg.MetadataValue.float(round(result.samples_per_s, 1)),
+            "resumed_from_existing_sidecar": result.skipped_existing,
+            "skipped": dg.MetadataValue.json(vars(result.skipped)),
+            "caption_words": dg.MetadataValue.json(result.caption_stats),
+            "captioner_version": version,
+            "examples": captioned_images(examples),
+        }
+        return commit(RECAP, storage, dvc, metadata, {RECAP: effective_params(RECAP, config)})
 
 
 class BlendParams(dg.Config):
@@ -100,12 +103,30 @@ class BlendParams(dg.Config):
     seed: int | None = None
 
 
+@folder_check(
+    "The epoch-0 blend takes the synthetic caption at rate p, within sampling noise "
+    "(3 standard deviations, at least 1 point); empty captions that forced a fallback count "
+    "against it."
+)
+def mixed_training_set_ratio(folder: Path) -> dg.AssetCheckResult:
+    manifest = MixManifest.load(folder / MANIFEST)
+    stats = blend_stats(manifest, epoch=0)
+    p, n = manifest.synthetic_ratio, max(1, stats["samples"])
+    tolerance = max(0.01, 3 * math.sqrt(p * (1 - p) / n))
+    deviation = abs(stats["synthetic_frac"] - p)
+    return dg.AssetCheckResult(
+        passed=deviation <= tolerance,
+        metadata={**stats, "deviation": round(deviation, 4), "tolerance": round(tolerance, 4)},
+    )
+
+
 @dg.asset(
     key=MIX,
     deps=[RAW, RECAP],
     group_name="data",
     kinds={"json", "dvc"},
-    code_version="1",
+    code_version="2",
+    check_specs=check_specs(MIX, [mixed_training_set_ratio]),
     description=(
         "The blended training set: a manifest of shards, sidecars, caption type, synthetic "
         "ratio p and seed. The training loader takes the synthetic caption with probability "
@@ -127,44 +148,24 @@ def mixed_training_set(
         raise FileNotFoundError(
             f"recaptioned_dataset lacks partitions {missing}: `dalle3 run --select {RECAP}`"
         )
-    with tracked_run(context, mlflow_tracker, dvc), storage.writing(MIX) as out:
-        # Paths relative to the manifest keep it (and its DVC hash) machine-independent.
-        manifest = MixManifest(
-            shards=[os.path.relpath(s, storage.asset_dir(MIX)) for s in shards],
-            sidecars=[os.path.relpath(s, storage.asset_dir(MIX)) for s in sidecars],
-            caption_type=cfg.caption_type,
-            synthetic_ratio=cfg.synthetic_ratio,
-            seed=cfg.seed,
-        )
-        manifest.save(out / "manifest.json")
-        stats = blend_stats(MixManifest.load(out / "manifest.json"), epoch=0)
+    with tracked_run(context, mlflow_tracker, dvc):
+        with staged(context, MIX, storage, cfg, [mixed_training_set_ratio]) as stage:
+            # Paths relative to the manifest keep it (and its DVC hash) machine-independent.
+            manifest = MixManifest(
+                shards=[os.path.relpath(s, storage.asset_dir(MIX)) for s in shards],
+                sidecars=[os.path.relpath(s, storage.asset_dir(MIX)) for s in sidecars],
+                caption_type=cfg.caption_type,
+                synthetic_ratio=cfg.synthetic_ratio,
+                seed=cfg.seed,
+            )
+            manifest.save(stage.path / MANIFEST)
+            stats = blend_stats(MixManifest.load(stage.path / MANIFEST), epoch=0)
         mlflow_tracker.log_config(cfg)
         mlflow.log_metrics({k: v for k, v in stats.items() if isinstance(v, int | float)})
-    return commit(
-        MIX,
-        storage,
-        dvc,
-        {
+        metadata = {
             "shards": dg.MetadataValue.int(len(shards)),
             "epoch0_blend": dg.MetadataValue.json(stats),
             "synthetic_frac": dg.MetadataValue.float(stats["synthetic_frac"]),
-        },
-    )
-
-
-@dg.asset_check(
-    asset=MIX,
-    description="The epoch-0 blend takes the synthetic caption at rate p, within sampling noise "
-    "(3 standard deviations, at least 1 point); empty captions that forced a fallback count "
-    "against it.",
-)
-def mixed_training_set_ratio(storage: StorageResource) -> dg.AssetCheckResult:
-    manifest = MixManifest.load(storage.asset_dir(MIX) / "manifest.json")
-    stats = blend_stats(manifest, epoch=0)
-    p, n = manifest.synthetic_ratio, max(1, stats["samples"])
-    tolerance = max(0.01, 3 * math.sqrt(p * (1 - p) / n))
-    deviation = abs(stats["synthetic_frac"] - p)
-    return dg.AssetCheckResult(
-        passed=deviation <= tolerance,
-        metadata={**stats, "deviation": round(deviation, 4), "tolerance": round(tolerance, 4)},
-    )
+        }
+        params = {MIX: effective_params(MIX, config)}
+        return commit(MIX, storage, dvc, metadata, params, stage.checks)

@@ -4,14 +4,25 @@ Each asset reads its params.yaml section (run config overrides single fields), c
 logs to MLflow and versions its folder with DVC.
 """
 
+from pathlib import Path
+
 import dagster as dg
 import mlflow
 
-from dalle3_dag.config import TrainParams
+from dalle3_dag.config import CHECKS, TrainParams, floors, not_measured
 from dalle3_dag.metadata import captioned_images
-from dalle3_dag.project import TRAINING_TAGS, resolve
+from dalle3_dag.project import TRAINING_TAGS, effective_params, resolve
 from dalle3_dag.resources import DvcResource, MlflowResource, StorageResource
-from dalle3_dag.versioning import commit, log_step, read_metrics, tracked_run, write_metrics
+from dalle3_dag.versioning import (
+    check_specs,
+    commit,
+    folder_check,
+    log_step,
+    read_metrics,
+    staged,
+    tracked_run,
+    write_metrics,
+)
 from ml.captioner.model import Captioner
 from ml.captioner.stages import (
     STAGES,
@@ -30,11 +41,11 @@ from ml.clip import (
     train_toy_clip,
 )
 from ml.data.raw_pairs import load_split
+from ml.data.shapeworld import scene_of
 from ml.viz import image_grid
 
 RAW = "raw_pairs"
 CLIP = "clip_encoder"
-MIN_COLOR_PREFERENCE = 0.8
 
 
 class ClipParams(dg.Config):
@@ -46,13 +57,29 @@ class ClipParams(dg.Config):
     train: TrainParams | None = None
 
 
+@folder_check(
+    "The CLIP ranks an image's own descriptive caption above that of the same scene with one "
+    "object recoloured, for at least `checks.clip_color_preference` of held-out images, and "
+    "retrieves captions above chance."
+)
+def clip_encoder_binds_attributes(folder: Path) -> dg.AssetCheckResult:
+    metrics = read_metrics(folder)
+    if "color_preference" not in metrics:
+        return not_measured("raw_pairs/eval has no scene graphs to recolour", metrics)
+    floor = floors().clip_color_preference
+    above_chance = metrics["recall_at_5"] > metrics["chance_at_5"]
+    passed = metrics["color_preference"] >= floor and above_chance
+    return dg.AssetCheckResult(passed=passed, metadata={**metrics, "floor": floor})
+
+
 @dg.asset(
     key=CLIP,
     deps=[RAW],
     group_name="captioner",
     kinds={"pytorch", "mlflow", "dvc"},
     op_tags=TRAINING_TAGS,
-    code_version="1",
+    code_version="2",
+    check_specs=check_specs(CLIP, [clip_encoder_binds_attributes]),
     description=(
         "The CLIP behind the captioner's F(i) and CLIP-S, in open_clip's local-dir layout: a "
         "pretrained open_clip checkpoint from a local path, or (toy) a small CLIP trained "
@@ -70,52 +97,32 @@ def clip_encoder(
     raw = storage.asset_dir(RAW)
     with tracked_run(context, mlflow_tracker, dvc):
         mlflow_tracker.log_config(cfg)
-        with storage.writing(CLIP) as out:
+        with staged(context, CLIP, storage, cfg, [clip_encoder_binds_attributes]) as stage:
             if cfg.source == "toy":
                 model = train_toy_clip(load_split(raw, "clip"), cfg, log=log_step)
             else:
                 model, _, _ = load_clip(cfg)
-            save_clip(model, cfg, out)
+            save_clip(model, cfg, stage.path)
             # Evaluate what was saved, loaded the way users load it.
-            model, preprocess, tokenizer = load_clip(out)
+            model, preprocess, tokenizer = load_clip(stage.path)
             held_out = load_split(raw, "eval")
             recall = retrieval_recall(model, preprocess, tokenizer, held_out)
             # MLflow metric names take no '@'
             metrics = {name.replace("@", "_at_"): value for name, value in recall.items()}
-            for attribute in ("color", "shape"):
-                metrics[f"{attribute}_preference"] = pairwise_preference(
-                    model, preprocess, tokenizer, held_out, attribute
-                )
-            write_metrics(out, metrics)
+            if all(scene_of(s) for s in held_out):  # attribute binding needs scene graphs
+                for attribute in ("color", "shape"):
+                    metrics[f"{attribute}_preference"] = pairwise_preference(
+                        model, preprocess, tokenizer, held_out, attribute
+                    )
+            write_metrics(stage.path, metrics)
         mlflow.log_metrics(metrics)
-        return commit(
-            CLIP,
-            storage,
-            dvc,
-            {
-                "source": cfg.source,
-                "held_out_samples": dg.MetadataValue.int(len(held_out)),
-                **{
-                    name: dg.MetadataValue.float(round(value, 4)) for name, value in metrics.items()
-                },
-            },
-        )
-
-
-@dg.asset_check(
-    asset=CLIP,
-    description=(
-        "The CLIP ranks an image's own descriptive caption above that of the same scene with "
-        f"one object recoloured, for at least {MIN_COLOR_PREFERENCE:.0%} of held-out images."
-    ),
-)
-def clip_encoder_binds_attributes(storage: StorageResource) -> dg.AssetCheckResult:
-    metrics = read_metrics(storage.asset_dir(CLIP))
-    passed = (
-        metrics["color_preference"] >= MIN_COLOR_PREFERENCE
-        and metrics["recall_at_5"] > metrics["chance_at_5"]
-    )
-    return dg.AssetCheckResult(passed=passed, metadata=metrics)
+        metadata = {
+            "source": cfg.source,
+            "held_out_samples": dg.MetadataValue.int(len(held_out)),
+            **{name: dg.MetadataValue.float(round(value, 4)) for name, value in metrics.items()},
+        }
+        params = {CLIP: effective_params(CLIP, config)}
+        return commit(CLIP, storage, dvc, metadata, params, stage.checks)
 
 
 class CaptionerModelParams(dg.Config):
@@ -146,10 +153,50 @@ TRAIN_SPLIT = {"base": "train", "ssc": "labelled", "dsc": "labelled"}
 PREVIEW = 12
 
 
+@folder_check(
+    "Descriptive captions state ShapeWorld's ground-truth attributes: recall and precision "
+    "on held-out images at least `checks.dsc_attribute_recall` / `dsc_attribute_precision`."
+)
+def captioner_dsc_attributes(folder: Path) -> dg.AssetCheckResult:
+    metrics = read_metrics(folder)
+    if "attribute_recall" not in metrics:
+        return not_measured("raw_pairs/eval has no scene graphs to score against", metrics)
+    floor = floors()
+    passed = (
+        metrics["attribute_recall"] >= floor.dsc_attribute_recall
+        and metrics["attribute_precision"] >= floor.dsc_attribute_precision
+    )
+    return dg.AssetCheckResult(passed=passed, metadata=metrics)
+
+
+@folder_check(
+    "Short captions name the main object correctly for at least "
+    "`checks.ssc_main_object_accuracy` of held-out images; blocking, so a captioner below the "
+    "floor never recaptions the dataset.",
+    blocking=True,
+)
+def captioner_ssc_main_object(folder: Path) -> dg.AssetCheckResult:
+    metrics = read_metrics(folder)
+    if "main_object_accuracy" not in metrics:
+        return not_measured("raw_pairs/eval has no scene graphs to score against", metrics)
+    floor = floors().ssc_main_object_accuracy
+    passed = metrics["main_object_accuracy"] >= floor
+    return dg.AssetCheckResult(passed=passed, metadata={**metrics, "floor": floor})
+
+
+CAPTIONER_CHECKS = {
+    "base": [],
+    "ssc": [captioner_ssc_main_object],
+    "dsc": [captioner_dsc_attributes],
+}
+
+
 def captioner_asset(stage: str) -> dg.AssetsDefinition:
     """One of the three captioner assets; they differ only in data and starting point."""
     key = f"captioner_{stage}"
     deps = [RAW, CLIP] if stage == "base" else [RAW, CLIP, "captioner_base"]
+
+    checks = CAPTIONER_CHECKS[stage]
 
     @dg.asset(
         name=key,
@@ -157,7 +204,8 @@ def captioner_asset(stage: str) -> dg.AssetsDefinition:
         group_name="captioner",
         kinds={"pytorch", "transformers", "mlflow", "dvc"},
         op_tags=TRAINING_TAGS,
-        code_version="1",
+        code_version="2",
+        check_specs=check_specs(key, checks),
         description=CAPTIONER_DESCRIPTIONS[stage],
     )
     def _captioner(
@@ -180,7 +228,8 @@ def captioner_asset(stage: str) -> dg.AssetsDefinition:
         with tracked_run(context, mlflow_tracker, dvc):
             mlflow_tracker.log_config(cfg)
             mlflow.log_param("train_samples", len(samples))
-            with storage.writing(key) as out:
+            with staged(context, key, storage, cfg, checks) as stage_dir:
+                out = stage_dir.path
                 model = train_stage(stage, cfg, clip_dir, samples, base, corpus, log_step)
                 model.save_pretrained(out)
                 held_out = load_split(raw, "eval")
@@ -189,46 +238,25 @@ def captioner_asset(stage: str) -> dg.AssetsDefinition:
                 )
                 metrics = evaluate(captions, held_out)
                 write_metrics(out, metrics)
-            mlflow.log_metrics(metrics)
+                mlflow.log_metrics(metrics)
             examples = [(s.image, c) for s, c in zip(held_out[:PREVIEW], captions, strict=False)]
             mlflow.log_image(image_grid([im for im, _ in examples], scale=4), "samples.png")
             mlflow.log_dict(
                 {s.key: c for s, c in zip(held_out, captions, strict=True)}, "eval_captions.json"
             )
             version = mlflow_tracker.register(key, storage.asset_dir(key))
-            return commit(
-                key,
-                storage,
-                dvc,
-                {
-                    "train_samples": dg.MetadataValue.int(len(samples)),
-                    "registered_version": version,
-                    **{name: dg.MetadataValue.float(round(v, 4)) for name, v in metrics.items()},
-                    "eval_captions": captioned_images(examples),
-                },
-            )
+            metadata = {
+                "train_samples": dg.MetadataValue.int(len(samples)),
+                "registered_version": version,
+                **{name: dg.MetadataValue.float(round(v, 4)) for name, v in metrics.items()},
+                "eval_captions": captioned_images(examples),
+            }
+            params = {key: effective_params(key, config)}
+            if any(check.blocking for check in checks):  # its floors decide what goes live
+                params[CHECKS] = effective_params(CHECKS)
+            return commit(key, storage, dvc, metadata, params, stage_dir.checks)
 
     return _captioner
 
 
 captioner_base, captioner_ssc, captioner_dsc = (captioner_asset(s) for s in STAGES)
-
-
-@dg.asset_check(
-    asset="captioner_dsc",
-    description="Descriptive captions state ShapeWorld's ground-truth attributes: recall >= 0.8 "
-    "at precision >= 0.9 on held-out images (the toy profile's target).",
-)
-def captioner_dsc_attributes(storage: StorageResource) -> dg.AssetCheckResult:
-    metrics = read_metrics(storage.asset_dir("captioner_dsc"))
-    passed = metrics["attribute_recall"] >= 0.8 and metrics["attribute_precision"] >= 0.9
-    return dg.AssetCheckResult(passed=passed, metadata=metrics)
-
-
-@dg.asset_check(
-    asset="captioner_ssc",
-    description="Short captions name the main object correctly for >= 90% of held-out images.",
-)
-def captioner_ssc_main_object(storage: StorageResource) -> dg.AssetCheckResult:
-    metrics = read_metrics(storage.asset_dir("captioner_ssc"))
-    return dg.AssetCheckResult(passed=metrics["main_object_accuracy"] >= 0.9, metadata=metrics)

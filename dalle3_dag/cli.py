@@ -8,20 +8,20 @@ from pathlib import Path
 
 from dalle3_dag.resources import DvcResource, MlflowResource, StorageResource
 
-DAGSTER = [
-    str(Path(sys.executable).with_name("dagster")),
-    "asset",
-    "materialize",
-    "-m",
-    "dalle3_dag.definitions",
-]
+DAGSTER_BIN = str(Path(sys.executable).with_name("dagster"))
+DAGSTER = [DAGSTER_BIN, "asset", "materialize", "-m", "dalle3_dag.definitions"]
+DAGSTER_JOB = [DAGSTER_BIN, "job", "execute", "-m", "dalle3_dag.definitions", "-j"]
+
+
+def _run(cmd: list[str], what: str) -> None:
+    print(f"$ dagster {' '.join(cmd[1:])}", flush=True)
+    if subprocess.run(cmd).returncode != 0:
+        raise SystemExit(f"{what} failed")
 
 
 def _materialize(select: str, partition: str | None = None) -> None:
     cmd = [*DAGSTER, "--select", select, *(["--partition", partition] if partition else [])]
-    print(f"$ {' '.join(cmd[1:])}", flush=True)
-    if subprocess.run(cmd).returncode != 0:
-        raise SystemExit(f"materializing {select} {partition or ''} failed")
+    _run(cmd, f"materializing {select} {partition or ''}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,6 +37,10 @@ def run(args: argparse.Namespace) -> int:
 
     graph = defs.resolve_asset_graph()
     selected = dg.AssetSelection.from_coercible(args.select).resolve(graph)
+    if dg.AssetKey("raw_pairs") in selected:
+        # Record the source's current version first, so the UI can tell when new or changed
+        # shards make raw_pairs stale.
+        _run([*DAGSTER_JOB, "observe_sources"], "observing raw_pairs_source")
     batch: list[str] = []
     for key in graph.toposorted_asset_keys:
         if key not in selected:

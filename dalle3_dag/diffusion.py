@@ -7,6 +7,7 @@ generated object's colour and position against the prompt's.
 import hashlib
 import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import dagster as dg
@@ -14,9 +15,19 @@ import mlflow
 import torch
 from PIL import Image
 
-from dalle3_dag.project import TRAINING_TAGS, load_params, resolve
+from dalle3_dag.config import floors
+from dalle3_dag.project import TRAINING_TAGS, effective_params, resolve
 from dalle3_dag.resources import DvcResource, MlflowResource, StorageResource
-from dalle3_dag.versioning import commit, log_step, read_metrics, tracked_run, write_metrics
+from dalle3_dag.versioning import (
+    check_specs,
+    commit,
+    folder_check,
+    log_step,
+    read_metrics,
+    staged,
+    tracked_run,
+    write_metrics,
+)
 from ml.diffusion.config import DiffusionConfig
 from ml.diffusion.distill import DistillConfig, distill
 from ml.diffusion.pipeline import TextToImagePipeline
@@ -42,10 +53,6 @@ SAMPLE_PROMPTS = [
     "an orange circle at the bottom",
     "a black square in the top right corner",
 ]
-# Prompt following must clearly beat a model that ignores the prompt.
-MIN_OVER_CHANCE = 2.0
-# The student may trail the teacher by at most this much on colour and on position.
-MAX_STUDENT_GAP = 0.10
 
 
 class DiffusionParams(dg.Config):
@@ -122,13 +129,43 @@ def score_saved(
     return scores, grid
 
 
+@folder_check(
+    "Single-object prompts: the generated object's colour and position match the prompt at "
+    "least `checks.prompt_following_over_chance` times as often as chance."
+)
+def diffusion_model_follows_prompts(folder: Path) -> dg.AssetCheckResult:
+    metrics, ratio = read_metrics(folder), floors().prompt_following_over_chance
+    passed = all(
+        metrics[f"{what}_accuracy"] >= ratio * metrics[f"{what}_chance"]
+        for what in ("color", "position")
+    )
+    return dg.AssetCheckResult(passed=passed, metadata={**metrics, "floor_over_chance": ratio})
+
+
+@folder_check(
+    "The 2-step student's colour and position accuracy are each within "
+    "`checks.student_max_gap` of the teacher's."
+)
+def distilled_model_keeps_up(folder: Path) -> dg.AssetCheckResult:
+    metrics, gap = read_metrics(folder), floors().student_max_gap
+    passed = all(
+        metrics[f"teacher_{name}"] - metrics[name] <= gap
+        for name in ("color_accuracy", "position_accuracy")
+    )
+    return dg.AssetCheckResult(passed=passed, metadata={**metrics, "max_gap": gap})
+
+
+TEACHER_CHECKS, STUDENT_CHECKS = [diffusion_model_follows_prompts], [distilled_model_keeps_up]
+
+
 @dg.asset(
     key=DIFFUSION,
     deps=[MIX],
     group_name="text_to_image",
     kinds={"pytorch", "diffusers", "mlflow", "dvc"},
     op_tags=TRAINING_TAGS,
-    code_version="1",
+    code_version="2",
+    check_specs=check_specs(DIFFUSION, TEACHER_CHECKS),
     description=(
         "The T5-conditioned U-Net diffusion model trained on the blended training set "
         "(accelerate loop, CFG caption dropout, EMA, resumable checkpoints), saved in diffusers "
@@ -143,8 +180,9 @@ def diffusion_model(
     dvc: DvcResource,
 ) -> dg.MaterializeResult:
     # `resume` says how to run, not what to train: it is not part of the model's config.
-    cfg = resolve(DiffusionConfig, DIFFUSION, config.model_copy(update={"resume": None}))
-    evaluation = PromptFollowingConfig(**load_params(EVAL))
+    run_config = config.model_copy(update={"resume": None})
+    cfg = resolve(DiffusionConfig, DIFFUSION, run_config)
+    evaluation = resolve(PromptFollowingConfig, EVAL)
     manifest = storage.asset_dir(MIX) / "manifest.json"
     if not manifest.is_file():
         raise FileNotFoundError(f"no training set manifest at {manifest}: materialize {MIX}")
@@ -157,28 +195,25 @@ def diffusion_model(
         )
         if stats["resumed_from"] is not None:
             context.log.info(f"resumed from the checkpoint at step {stats['resumed_from']}")
-        with storage.writing(DIFFUSION) as out:
-            shutil.copytree(work / PIPELINE, out, dirs_exist_ok=True)
-            cfg.save(out / "train_config.json")
-            scores, grid = score_saved(out, evaluation, evaluation.teacher_steps)
+        effective = {DIFFUSION: cfg.to_dict(), EVAL: asdict(evaluation)}
+        with staged(context, DIFFUSION, storage, effective, TEACHER_CHECKS) as stage:
+            shutil.copytree(work / PIPELINE, stage.path, dirs_exist_ok=True)
+            scores, grid = score_saved(stage.path, evaluation, evaluation.teacher_steps)
         mlflow.log_metrics({**scores, "train_images_per_s": stats["images_per_s"]})
         mlflow.log_image(grid, "prompt_following.png")
         version = mlflow_tracker.register(DIFFUSION, storage.asset_dir(DIFFUSION))
-        return commit(
-            DIFFUSION,
-            storage,
-            dvc,
-            {
-                "steps": dg.MetadataValue.int(stats["steps"]),
-                "resumed_from_step": stats["resumed_from"],
-                "train_seconds": dg.MetadataValue.float(round(stats["seconds"], 1)),
-                "train_images_per_s": dg.MetadataValue.float(round(stats["images_per_s"], 1)),
-                "unet_parameters": dg.MetadataValue.int(stats["unet_parameters"]),
-                "text_encoder_parameters": dg.MetadataValue.int(stats["text_encoder_parameters"]),
-                "registered_version": version,
-                **{k: dg.MetadataValue.float(round(v, 4)) for k, v in scores.items()},
-            },
-        )
+        metadata = {
+            "steps": dg.MetadataValue.int(stats["steps"]),
+            "resumed_from_step": stats["resumed_from"],
+            "train_seconds": dg.MetadataValue.float(round(stats["seconds"], 1)),
+            "train_images_per_s": dg.MetadataValue.float(round(stats["images_per_s"], 1)),
+            "unet_parameters": dg.MetadataValue.int(stats["unet_parameters"]),
+            "text_encoder_parameters": dg.MetadataValue.int(stats["text_encoder_parameters"]),
+            "registered_version": version,
+            **{k: dg.MetadataValue.float(round(v, 4)) for k, v in scores.items()},
+        }
+        params = {DIFFUSION: effective_params(DIFFUSION, run_config), EVAL: effective_params(EVAL)}
+        return commit(DIFFUSION, storage, dvc, metadata, params, stage.checks)
 
 
 @dg.asset(
@@ -187,7 +222,8 @@ def diffusion_model(
     group_name="text_to_image",
     kinds={"pytorch", "diffusers", "mlflow", "dvc"},
     op_tags=TRAINING_TAGS,
-    code_version="1",
+    code_version="2",
+    check_specs=check_specs(DISTILLED, STUDENT_CHECKS),
     description=(
         "The diffusion model consistency-distilled (LCM) into a student that samples in 2 "
         "steps with guidance built in; same layout and pipeline class as the teacher."
@@ -201,60 +237,31 @@ def distilled_model(
     dvc: DvcResource,
 ) -> dg.MaterializeResult:
     cfg = resolve(DistillConfig, DISTILLED, config)
-    evaluation = PromptFollowingConfig(**load_params(EVAL))
+    evaluation = resolve(PromptFollowingConfig, EVAL)
     teacher_dir = storage.asset_dir(DIFFUSION)
     if not (teacher_dir / "model_index.json").is_file():
         raise FileNotFoundError(f"no diffusion model at {teacher_dir}: materialize {DIFFUSION}")
     with tracked_run(context, mlflow_tracker, dvc):
         mlflow_tracker.log_config(cfg)
         teacher = TextToImagePipeline.from_pretrained(teacher_dir).to(DEVICE)
-        with storage.writing(DISTILLED) as out:
-            stats = distill(teacher, cfg, storage.asset_dir(MIX) / "manifest.json", out, log_images)
+        effective = {DISTILLED: asdict(cfg), EVAL: asdict(evaluation)}
+        with staged(context, DISTILLED, storage, effective, STUDENT_CHECKS) as stage:
+            manifest = storage.asset_dir(MIX) / "manifest.json"
+            stats = distill(teacher, cfg, manifest, stage.path, log_images)
             taught = read_metrics(teacher_dir)
             compared = {f"teacher_{k}": taught[k] for k in ("color_accuracy", "position_accuracy")}
-            scores, grid = score_saved(out, evaluation, evaluation.student_steps, compared)
+            scores, grid = score_saved(stage.path, evaluation, evaluation.student_steps, compared)
         mlflow.log_metrics({**scores, "distill_images_per_s": stats["images_per_s"]})
         # Teacher above student: the same prompts and seeds.
         teacher_grid = Image.open(teacher_dir / "prompt_following.png")
         mlflow.log_image(image_grid([teacher_grid, grid], cols=1, pad=0), "teacher_vs_student.png")
         version = mlflow_tracker.register(DISTILLED, storage.asset_dir(DISTILLED))
-        return commit(
-            DISTILLED,
-            storage,
-            dvc,
-            {
-                "steps": dg.MetadataValue.int(stats["steps"]),
-                "distill_seconds": dg.MetadataValue.float(round(stats["seconds"], 1)),
-                "sampling_steps": dg.MetadataValue.int(evaluation.student_steps),
-                "registered_version": version,
-                **{k: dg.MetadataValue.float(round(v, 4)) for k, v in scores.items()},
-            },
-        )
-
-
-@dg.asset_check(
-    asset=DIFFUSION,
-    description=f"Single-object prompts: the generated object's colour and position match the "
-    f"prompt at least {MIN_OVER_CHANCE:g}x as often as chance.",
-)
-def diffusion_model_follows_prompts(storage: StorageResource) -> dg.AssetCheckResult:
-    metrics = read_metrics(storage.asset_dir(DIFFUSION))
-    passed = all(
-        metrics[f"{what}_accuracy"] >= MIN_OVER_CHANCE * metrics[f"{what}_chance"]
-        for what in ("color", "position")
-    )
-    return dg.AssetCheckResult(passed=passed, metadata=metrics)
-
-
-@dg.asset_check(
-    asset=DISTILLED,
-    description=f"The 2-step student's colour and position accuracy are each within "
-    f"{MAX_STUDENT_GAP:.0%} of the teacher's.",
-)
-def distilled_model_keeps_up(storage: StorageResource) -> dg.AssetCheckResult:
-    metrics = read_metrics(storage.asset_dir(DISTILLED))
-    passed = all(
-        metrics[f"teacher_{name}"] - metrics[name] <= MAX_STUDENT_GAP
-        for name in ("color_accuracy", "position_accuracy")
-    )
-    return dg.AssetCheckResult(passed=passed, metadata=metrics)
+        metadata = {
+            "steps": dg.MetadataValue.int(stats["steps"]),
+            "distill_seconds": dg.MetadataValue.float(round(stats["seconds"], 1)),
+            "sampling_steps": dg.MetadataValue.int(evaluation.student_steps),
+            "registered_version": version,
+            **{k: dg.MetadataValue.float(round(v, 4)) for k, v in scores.items()},
+        }
+        params = {DISTILLED: effective_params(DISTILLED, config), EVAL: effective_params(EVAL)}
+        return commit(DISTILLED, storage, dvc, metadata, params, stage.checks)

@@ -1,12 +1,16 @@
 """Resources every asset shares: where outputs live, how runs are tracked, how data is versioned."""
 
 import dataclasses
+import fcntl
+import multiprocessing
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -15,17 +19,19 @@ import dagster as dg
 import mlflow
 import yaml
 
-from dalle3_dag.project import PROJECT_DIR
+from dalle3_dag.project import DVC_REPRO_ENV, PROJECT_DIR
+from ml.data.shards import write_atomic
 
-# DVC exports this to the commands it runs; inside `dvc repro` the lock is DVC's to write.
-DVC_REPRO_ENV = "DVC_STAGE"
+REJECTED = ".rejected"
 
 
 class StorageResource(dg.ConfigurableResource):
     """The materialized store: one folder per asset key, mirrored to S3 when `s3_uri` is set.
 
-    Outputs are written to a temporary sibling folder and swapped in only when complete, so a
-    failed or killed materialization never leaves a half-written asset behind.
+    Outputs are written to a staging folder beside the live one and swapped in only when
+    complete and audited (write-audit-publish): a failed, killed or rejected materialization
+    never changes the live asset. Staging folders carry their writer's pid, so the next write
+    removes those of dead writers; rejected versions are kept under `.rejected/` for a look.
     """
 
     root: str = str(PROJECT_DIR / "assets")
@@ -35,18 +41,36 @@ class StorageResource(dg.ConfigurableResource):
     def asset_dir(self, key: str) -> Path:
         return Path(self.root) / key
 
+    def rejected_dir(self, key: str) -> Path:
+        return Path(self.root) / REJECTED / key
+
     @contextmanager
-    def writing(self, key: str) -> Iterator[Path]:
+    def writing(
+        self, key: str, audit: Callable[[Path], str | None] | None = None
+    ) -> Iterator[Path]:
+        """A staging folder for a new version of `key`, made live on a clean exit.
+
+        `audit(staged)` runs before the swap; a message back means the version is rejected: it
+        moves to `rejected_dir(key)` and `Rejected` is raised with the message and the path.
+        """
         final = self.asset_dir(key)
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f".{key}.tmp-{uuid.uuid4().hex[:8]}"
+        remove_orphans(final.parent, key)
+        tmp = final.parent / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
             yield tmp
+            problem = audit(tmp) if audit else None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        old = final.parent / f".{key}.old-{uuid.uuid4().hex[:8]}"
+        if problem:
+            kept = self.rejected_dir(key) / f"{time.strftime('%Y%m%d-%H%M%S')}-{tmp.name[-8:]}"
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            tmp.rename(kept)
+            raise Rejected(f"{key}: {problem}; the previous version stays live and the "
+                           f"rejected one is kept at {kept}", kept)
+        old = final.parent / f".{key}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         if final.exists():
             final.rename(old)
         tmp.rename(final)
@@ -68,6 +92,51 @@ class StorageResource(dg.ConfigurableResource):
         for path in sorted(p for p in src.rglob("*") if p.is_file()):
             client.upload_file(str(path), bucket, f"{dest}/{path.relative_to(src).as_posix()}")
         return f"s3://{bucket}/{dest}"
+
+
+class Rejected(Exception):
+    """A new version of an asset failed a blocking check and was not made live."""
+
+    def __init__(self, message: str, path: Path) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+@contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def run_owner_pid() -> int:
+    """The process that owns this Dagster run: the run worker that spawned this step process
+    (multiprocess executor), or this process itself (in-process execution)."""
+    parent = multiprocessing.parent_process()
+    return parent.pid if parent is not None and parent.pid else os.getpid()
+
+
+def remove_orphans(parent: Path, key: str) -> list[Path]:
+    """Remove the staging and swap folders of `key` whose writer process is gone."""
+    removed = []
+    for path in parent.glob(f".{key}.*-*-*"):
+        kind, _, owner = path.name.removeprefix(f".{key}.").partition("-")
+        pid = owner.partition("-")[0]
+        if kind in ("tmp", "old") and pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 class MlflowResource(dg.ConfigurableResource):
@@ -99,9 +168,28 @@ class MlflowResource(dg.ConfigurableResource):
         if context.has_partition_key:
             run_tags["dagster.partition"] = context.partition_key
         run_tags.update(tags or {})
+        run_tags |= {"process.pid": str(os.getpid()), "process.host": socket.gethostname()}
+        self.close_dead_runs(key)
         name = f"{key}-{context.run.run_id[:8]}"
         with mlflow.start_run(run_name=name, tags=run_tags) as run:
             yield run
+
+    def close_dead_runs(self, key: str) -> list[str]:
+        """End as KILLED the RUNNING runs of `key` whose process on this host is gone."""
+        client = mlflow.MlflowClient()
+        experiment = mlflow.get_experiment_by_name(self.experiment)
+        running = client.search_runs(
+            [experiment.experiment_id],
+            filter_string=f"tags.`dagster.asset_key` = '{key}' and attributes.status = 'RUNNING'",
+        )
+        closed = []
+        for run in running:
+            pid, host = run.data.tags.get("process.pid", ""), run.data.tags.get("process.host")
+            if host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid)):
+                client.set_tag(run.info.run_id, "dalle3.closed", f"process {pid} was gone")
+                client.set_terminated(run.info.run_id, status="KILLED")
+                closed.append(run.info.run_id)
+        return closed
 
     @staticmethod
     def register(name: str, folder: Path) -> str:
@@ -148,12 +236,24 @@ class DvcResource(dg.ConfigurableResource):
             raise RuntimeError(f"`dvc {' '.join(args)}` failed in {self.repo_dir}:\n{proc.stderr}")
         return proc.stdout
 
-    def commit(self, stage: str) -> str | None:
-        """Commit a stage's outputs; returns their hash (None inside `dvc repro`)."""
+    def commit(self, stage: str, params: dict[str, Any] | None = None) -> str | None:
+        """Commit a stage's outputs; returns their hash (None inside `dvc repro`).
+
+        `params` ({section: values}) are the stage's parameters as they ran. DVC reads them
+        from params.yaml, so dvc.lock is rewritten to hold the values that ran: after a run
+        with overrides or another params file, `dvc status` reports the stage as changed.
+        """
         if os.environ.get(DVC_REPRO_ENV):
             return None
-        # Parallel materializations take turns on the repo lock instead of failing.
-        self._dvc("--wait-for-lock", "commit", "--force", "--quiet", stage)
+        lock = Path(self.repo_dir) / "dvc.lock"
+        # One commit (and lock rewrite) at a time: parallel partitions take turns.
+        with _exclusive(Path(self.repo_dir) / ".dvc" / "tmp" / "dalle3-commit.lock"):
+            self._dvc("--wait-for-lock", "commit", "--force", "--quiet", stage)
+            if params:
+                data = yaml.safe_load(lock.read_text())
+                recorded = data["stages"][stage].setdefault("params", {})
+                recorded.setdefault("params.yaml", {}).update(params)
+                write_atomic(lock, yaml.safe_dump(data, sort_keys=False).encode())
         return self.out_hash(stage)
 
     def out_hash(self, stage: str) -> str | None:

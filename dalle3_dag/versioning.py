@@ -1,24 +1,162 @@
-"""The bookkeeping every asset shares around its `ml` call: MLflow run, DVC hash, S3 mirror."""
+"""The bookkeeping every asset shares around its `ml` call: MLflow run, audit, DVC, S3 mirror.
 
+A new version of an asset is written to a staging folder with its effective `config.json`,
+audited by the asset's checks there, and only then made live, DVC-committed and mirrored
+(write-audit-publish): a blocking check that fails leaves the previous version live.
+"""
+
+import dataclasses
 import json
-from collections.abc import Iterator
+import socket
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 import mlflow
 
-from dalle3_dag.resources import DvcResource, MlflowResource, StorageResource
+from dalle3_dag.resources import (
+    DvcResource,
+    MlflowResource,
+    Rejected,
+    StorageResource,
+    pid_alive,
+    run_owner_pid,
+)
 
 METRICS_FILE = "metrics.json"
+# Not config.json: transformers and diffusers own that name inside model folders.
+CONFIG_FILE = "effective_config.json"
+PID_TAG, HOST_TAG = "dalle3/pid", "dalle3/host"
+
+
+@dataclass(frozen=True)
+class FolderCheck:
+    """An asset check that reads an asset folder: the staged version, before it goes live.
+
+    Only a failure of ERROR severity from a blocking check rejects the version; a check that
+    cannot measure on this data (e.g. no scene graphs) reports a WARN failure instead.
+    """
+
+    name: str
+    evaluate: Callable[[Path], dg.AssetCheckResult]
+    description: str
+    blocking: bool = False
+
+    def spec(self, key: str) -> dg.AssetCheckSpec:
+        return dg.AssetCheckSpec(
+            self.name, asset=key, description=self.description, blocking=self.blocking
+        )
+
+
+def folder_check(
+    description: str, blocking: bool = False
+) -> Callable[[Callable[[Path], dg.AssetCheckResult]], FolderCheck]:
+    """Declare a `FolderCheck`, named after the function."""
+    return lambda fn: FolderCheck(fn.__name__, fn, description, blocking)
+
+
+def named(name: str, result: dg.AssetCheckResult) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
+        check_name=name, passed=result.passed, metadata=result.metadata, severity=result.severity
+    )
+
+
+def check_specs(key: str, checks: list[FolderCheck]) -> list[dg.AssetCheckSpec]:
+    return [check.spec(key) for check in checks]
+
+
+@dataclass
+class Staged:
+    """The staging folder of a new version and, once audited, its check results."""
+
+    path: Path
+    checks: list[dg.AssetCheckResult] = field(default_factory=list)
+
+
+def write_config(folder: Path, cfg: Any) -> None:
+    """The effective, fully resolved config travels with the folder it made."""
+    values = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg
+    (folder / CONFIG_FILE).write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+
+
+@contextmanager
+def staged(
+    context: dg.AssetExecutionContext,
+    key: str,
+    storage: StorageResource,
+    cfg: Any,
+    checks: list[FolderCheck] = (),
+) -> Iterator[Staged]:
+    """Write a new version of `key`: staged, audited by `checks`, made live only if they pass.
+
+    A rejected version is reported as failed check evaluations and a `dg.Failure` naming the
+    folder it was kept in; the MLflow run around it ends FAILED with that path as a tag.
+    """
+    stage = Staged(Path())
+
+    def audit(folder: Path) -> str | None:
+        stage.checks = [named(check.name, check.evaluate(folder)) for check in checks]
+        failed = [
+            check.name
+            for check, result in zip(checks, stage.checks, strict=True)
+            if check.blocking and not result.passed
+            and result.severity == dg.AssetCheckSeverity.ERROR
+        ]
+        return f"blocking check(s) failed: {', '.join(failed)}" if failed else None
+
+    try:
+        with storage.writing(key, audit) as folder:
+            stage.path = folder
+            write_config(folder, cfg)
+            yield stage
+    except Rejected as err:
+        for result in stage.checks:
+            context.log_event(
+                dg.AssetCheckEvaluation(
+                    asset_key=dg.AssetKey(key),
+                    check_name=result.check_name,
+                    passed=result.passed,
+                    metadata=result.metadata,
+                    severity=result.severity,
+                    blocking=any(c.blocking for c in checks if c.name == result.check_name),
+                )
+            )
+        if mlflow.active_run():
+            mlflow.set_tag("dalle3.rejected", str(err.path))
+        raise dg.Failure(
+            description=str(err), metadata={"rejected_path": dg.MetadataValue.path(str(err.path))}
+        ) from err
+
+
+def close_dead_runs(context: dg.AssetExecutionContext) -> list[str]:
+    """Mark this host's Dagster runs whose process died (SIGKILL, OOM) as failed."""
+    instance, host = context.instance, socket.gethostname()
+    instance.add_run_tags(context.run_id, {PID_TAG: str(run_owner_pid()), HOST_TAG: host})
+    closed = []
+    started = instance.get_runs(
+        filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED], tags={HOST_TAG: host})
+    )
+    for run in started:
+        pid = run.tags.get(PID_TAG, "")
+        if run.run_id != context.run_id and pid.isdigit() and not pid_alive(int(pid)):
+            instance.report_run_failed(run, f"its process {pid} on {host} is gone")
+            closed.append(run.run_id)
+    return closed
 
 
 @contextmanager
 def tracked_run(
     context: dg.AssetExecutionContext, mlflow_tracker: MlflowResource, dvc: DvcResource
 ) -> Iterator[mlflow.ActiveRun]:
-    """An MLflow run tagged with the DVC hashes of the asset's inputs, closed on exit."""
+    """An MLflow run tagged with the DVC hashes of the asset's inputs, closed on exit.
+
+    First, runs of earlier materializations whose process died are closed as failed.
+    """
+    for run_id in close_dead_runs(context):
+        context.log.warning(f"marked Dagster run {run_id} failed: its process is gone")
     tags = {}
     for key in context.assets_def.dependency_keys:
         name = key.to_user_string()
@@ -29,13 +167,19 @@ def tracked_run(
 
 
 def commit(
-    key: str, storage: StorageResource, dvc: DvcResource, metadata: dict[str, Any]
+    key: str,
+    storage: StorageResource,
+    dvc: DvcResource,
+    metadata: dict[str, Any],
+    params: dict[str, Any] | None = None,
+    checks: list[dg.AssetCheckResult] = (),
 ) -> dg.MaterializeResult:
-    """Version a finished asset folder with DVC, mirror it to S3 and build the result.
+    """Version a live asset folder with DVC, mirror it to S3 and build the result.
 
-    The DVC hash becomes the Dagster data version and a tag of the active MLflow run.
+    `params` are the params.yaml sections as they ran (overrides applied), which dvc.lock
+    records. The DVC hash becomes the Dagster data version and a tag of the MLflow run.
     """
-    data_hash = dvc.commit(key)
+    data_hash = dvc.commit(key, params)
     mirror = storage.publish(key)
     metadata = {"path": dg.MetadataValue.path(str(storage.asset_dir(key))), **metadata}
     if run := mlflow.active_run():
@@ -47,7 +191,7 @@ def commit(
     if mirror:
         metadata["s3_uri"] = mirror
     version = dg.DataVersion(data_hash) if data_hash else None
-    return dg.MaterializeResult(metadata=metadata, data_version=version)
+    return dg.MaterializeResult(metadata=metadata, data_version=version, check_results=checks)
 
 
 def write_metrics(folder: Path, metrics: dict[str, float]) -> None:

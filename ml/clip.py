@@ -25,7 +25,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from ml.data.sample import Sample
-from ml.data.shapeworld import SHAPES, Scene, descriptive_caption, visible_colors
+from ml.data.shapeworld import SHAPES, Scene, descriptive_caption, scene_of, visible_colors
 from ml.train import TrainConfig, train
 
 SOURCES = ("toy", "pretrained")
@@ -188,8 +188,14 @@ def train_toy_clip(
         )
     model = build_toy_clip(cfg)
     preprocess, tokenizer = toy_transforms(cfg)
+    scenes = [scene_of(s) for s in samples]
+    if cfg.hard_negatives and None in scenes:
+        raise ValueError(
+            "clip_encoder.hard_negatives needs ShapeWorld scene graphs, which these samples "
+            "lack (a webdataset source): set hard_negatives: false"
+        )
     images = torch.stack([preprocess(s.image) for s in samples])
-    scenes = [Scene.from_dict(s.meta["scene"]) for s in samples]
+    fixed = [reference_caption(s) for s in samples]
 
     def loss_fn(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():
@@ -203,18 +209,23 @@ def train_toy_clip(
         text_logits = logit_scale * positives @ image_features.T
         return (F.cross_entropy(image_logits, labels) + F.cross_entropy(text_logits, labels)) / 2
 
-    batches = clip_batches(images, scenes, tokenizer, cfg)
+    batches = clip_batches(images, scenes, fixed, tokenizer, cfg)
     train(model, batches, loss_fn, cfg.train, log)
     return model
 
 
 def clip_batches(
-    images: torch.Tensor, scenes: list[Scene], tokenizer: Tokenizer, cfg: ClipConfig
+    images: torch.Tensor,
+    scenes: list[Scene | None],
+    fixed: list[str],
+    tokenizer: Tokenizer,
+    cfg: ClipConfig,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless (images, token ids) batches from seeded shuffles, each without repeats.
 
     Repeats would put a sample's own caption among its negatives. The token ids hold one
-    caption per image, then (with `hard_negatives`) one shape-altered caption per image.
+    caption per image (written afresh from its scene, or its `fixed` caption where it has
+    none), then (with `hard_negatives`) one shape-altered caption per image.
     """
     generator = torch.Generator().manual_seed(cfg.train.seed)
     rng = random.Random(cfg.train.seed)
@@ -226,6 +237,9 @@ def clip_batches(
             true_captions, false_captions = [], []
             for i in index.tolist():
                 template = rng.random()
+                if scenes[i] is None:
+                    true_captions.append(fixed[i])
+                    continue
                 true_captions.append(descriptive_caption(scenes[i], random.Random(template)))
                 if cfg.hard_negatives:
                     altered = change_one(scenes[i], rng, "shape")
@@ -333,6 +347,11 @@ def encode_texts(
     return torch.cat(chunks)
 
 
+def reference_caption(sample: Sample) -> str:
+    """The best caption a sample has: its descriptive caption, else its alt-text."""
+    return sample.meta.get("descriptive_caption") or sample.text
+
+
 def retrieval_recall(
     model: open_clip.CLIP,
     preprocess: Preprocess,
@@ -340,9 +359,9 @@ def retrieval_recall(
     samples: Sequence[Sample],
     ks: Sequence[int] = (1, 5),
 ) -> dict[str, float]:
-    """Image-to-text recall@k among the samples' descriptive captions, with chance = k/N."""
+    """Image-to-text recall@k among the samples' reference captions, with chance = k/N."""
     images = encode_images(model, preprocess, [s.image for s in samples])
-    texts = encode_texts(model, tokenizer, [s.meta["descriptive_caption"] for s in samples])
+    texts = encode_texts(model, tokenizer, [reference_caption(s) for s in samples])
     similarity = images @ texts.T
     # Rank of the true caption: how many other captions score at least as high. Counting ties
     # against the model keeps a collapsed one (all embeddings equal) at zero recall.

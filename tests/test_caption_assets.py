@@ -1,6 +1,7 @@
 """In-process materialization of the whole graph on a tiny toy profile: the caption stages, then
 the text-to-image models that learn from their captions."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,8 @@ import dagster as dg
 import mlflow
 import pyarrow.parquet as pq
 import pytest
+import yaml
+from conftest import web_source, write_web_shards
 
 from dalle3_dag import blend, captions, diffusion, raw_pairs
 from dalle3_dag.partitions import SHARDS
@@ -70,6 +73,27 @@ def test_whole_graph_end_to_end(project, instance, tmp_path):
     for attribute in ("color", "shape"):
         assert 0.0 <= clip_event.metadata[f"{attribute}_preference"].value <= 1.0
 
+    # a floor raised above the ssc captioner's score rejects its new version: the old one
+    # stays live, unregistered anew, and the rejected one is kept for a look
+    ssc_dir = project.storage.asset_dir("captioner_ssc")
+    before = (project.dvc.out_hash("captioner_ssc"), (ssc_dir / "model.safetensors").read_bytes())
+    params = yaml.safe_load((project.root / "params.yaml").read_text())
+    params["checks"]["ssc_main_object_accuracy"] = 1.01
+    (project.root / "params.yaml").write_text(yaml.safe_dump(params))
+    rejected = dg.materialize(
+        [*ASSETS, *CHECKS], selection=["captioner_ssc"], resources=project.resources,
+        instance=instance, raise_on_error=False,
+        run_config={"ops": {"captioner_ssc": {"config": {"train": {"steps": 4}}}}},
+    )
+    assert not rejected.success
+    assert "captioner_ssc_main_object" in str(rejected.failure_data_for_node("captioner_ssc").error)
+    after = (project.dvc.out_hash("captioner_ssc"), (ssc_dir / "model.safetensors").read_bytes())
+    assert after == before
+    (kept,) = project.storage.rejected_dir("captioner_ssc").iterdir()
+    assert json.loads((kept / "effective_config.json").read_text())["train"]["steps"] == 4
+    params["checks"]["ssc_main_object_accuracy"] = 0.0
+    (project.root / "params.yaml").write_text(yaml.safe_dump(params))
+
     # captioners: each one a finished MLflow run and a registered model version
     mlflow.set_tracking_uri(project.mlflow.resolved_uri())
     client = mlflow.MlflowClient()
@@ -80,6 +104,7 @@ def test_whole_graph_end_to_end(project, instance, tmp_path):
         assert "loss" in run.data.metrics
         assert run.data.tags["dvc.input.clip_encoder"] == project.dvc.out_hash("clip_encoder")
         assert client.get_model_version(f"captioner_{stage}", "1").run_id == run.info.run_id
+    assert len(client.search_model_versions("name = 'captioner_ssc'")) == 1
 
     # the captioners caption image files from the command line
     image = tmp_path / "scene.png"
@@ -163,6 +188,36 @@ def test_whole_graph_end_to_end(project, instance, tmp_path):
         str(tmp_path / "teacher.png"),
     )
     assert teacher.returncode == 0 and "diffusion_model" in teacher.stdout
+
+
+def test_whole_graph_runs_from_a_webdataset_folder(project, instance, tmp_path):
+    """img2dataset-style shards with no ShapeWorld ground truth, a third of them with
+    human-written short and long captions, flow through every stage; what needs scene graphs
+    to measure says so as a warning instead of passing."""
+    source = tmp_path / "incoming"
+    write_web_shards(source, 300, shard_size=50)
+    params = yaml.safe_load((project.root / "params.yaml").read_text())
+    params["raw_pairs"] |= web_source(source)
+    params["clip_encoder"]["hard_negatives"] = False
+    (project.root / "params.yaml").write_text(yaml.safe_dump(params))
+
+    result = materialize(project, instance, UNPARTITIONED)
+    (raw,) = result.asset_materializations_for_node("raw_pairs")
+    assert min(raw.metadata["samples_per_split"].value.values()) >= 32
+    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    for name in ("clip_encoder_binds_attributes", "captioner_ssc_main_object"):
+        assert not checks[name].passed and checks[name].severity == dg.AssetCheckSeverity.WARN
+        assert "no scene graphs" in checks[name].metadata["not_measured"].value
+    (ssc,) = result.asset_materializations_for_node("captioner_ssc")
+    assert "main_object_accuracy" not in ssc.metadata and ssc.metadata["mean_words"].value > 0
+
+    for shard in sorted(instance.get_dynamic_partitions(SHARDS.name)):
+        assert materialize(project, instance, ["recaptioned_dataset"], shard).success
+    t2i_keys = ["mixed_training_set", "diffusion_model", "distilled_model"]
+    t2i = materialize(project, instance, t2i_keys)
+    assert t2i.success
+    (student,) = t2i.asset_materializations_for_node("distilled_model")
+    assert student.metadata["dvc_hash"].value == project.dvc.out_hash("distilled_model")
 
 
 def test_pretrained_clip_with_missing_checkpoint_names_the_path(project, instance, tmp_path):

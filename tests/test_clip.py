@@ -24,6 +24,7 @@ from ml.clip import (
     encode_texts,
     load_clip,
     pairwise_preference,
+    reference_caption,
     retrieval_recall,
     save_clip,
     toy_transforms,
@@ -203,7 +204,8 @@ def test_each_hard_negative_differs_from_its_caption_in_one_shape_word() -> None
     preprocess, tokenizer = toy_transforms(cfg)
     images = torch.stack([preprocess(s.image) for s in samples])
     scenes = [Scene.from_dict(s.meta["scene"]) for s in samples]
-    pixels, token_ids = next(clip_batches(images, scenes, tokenizer, cfg))
+    fixed = [s.text for s in samples]
+    pixels, token_ids = next(clip_batches(images, scenes, fixed, tokenizer, cfg))
     assert pixels.shape == (8, 3, 32, 32) and token_ids.shape == (16, cfg.context_length)
     decode = open_clip.SimpleTokenizer().decode
     shapes = set(SHAPES)
@@ -215,8 +217,29 @@ def test_each_hard_negative_differs_from_its_caption_in_one_shape_word() -> None
         assert len(diffs) == 1 and set(diffs[0]) <= shapes
 
     plain = replace(cfg, hard_negatives=False)
-    _, token_ids = next(clip_batches(images, scenes, tokenizer, plain))
+    _, token_ids = next(clip_batches(images, scenes, fixed, tokenizer, plain))
     assert token_ids.shape == (8, cfg.context_length)
+
+
+def test_samples_without_scene_graphs_train_on_their_own_captions() -> None:
+    """Webdataset data has no scene graphs: each image meets its descriptive caption, or its
+    alt-text, and hard negatives (which need a scene) are refused up front."""
+    cfg = replace(tiny_config(batch_size=8), hard_negatives=False)
+    samples = list(generate(16, 0, ShapeWorldConfig(), "clip"))
+    for i, s in enumerate(samples):
+        del s.meta["scene"]
+        if i % 2:
+            del s.meta["descriptive_caption"]
+    preprocess, tokenizer = toy_transforms(cfg)
+    images = torch.stack([preprocess(s.image) for s in samples])
+    fixed = [reference_caption(s) for s in samples]
+    assert fixed[0] == samples[0].meta["descriptive_caption"] and fixed[1] == samples[1].text
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    order = torch.randperm(16, generator=generator)[:8].tolist()
+    _, token_ids = next(clip_batches(images, [None] * 16, fixed, tokenizer, cfg))
+    assert torch.equal(token_ids, tokenizer([fixed[i] for i in order]))
+    with pytest.raises(ValueError, match="hard_negatives"):
+        train_toy_clip(samples, replace(cfg, hard_negatives=True))
 
 
 def test_short_training_lowers_the_loss_and_beats_chance_on_held_out_scenes(

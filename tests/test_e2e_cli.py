@@ -1,13 +1,17 @@
 """End to end through the real CLIs: Dagster materializes, DVC versions and pushes to S3."""
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import dagster as dg
 import mlflow
 import pytest
+import yaml
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
@@ -77,3 +81,67 @@ def test_cli_runs_training_steps_one_at_a_time(project):
         spans.setdefault(event.step_key, []).append(event.timestamp)
     (ssc_start, ssc_end), (dsc_start, dsc_end) = spans["captioner_ssc"], spans["captioner_dsc"]
     assert ssc_end <= dsc_start or dsc_end <= ssc_start, spans
+
+
+def test_sigkill_leaves_nothing_behind(project):
+    """A materialization killed mid-write: the next one removes its staging folder, marks its
+    Dagster run failed and closes its MLflow run; the live asset never changed."""
+    params = yaml.safe_load((project.root / "params.yaml").read_text())
+    big = params | {"raw_pairs": params["raw_pairs"] | {"splits": {
+        "train": 50000, "labelled": 8, "clip": 8, "eval": 8}}}
+    (project.root / "big.yaml").write_text(yaml.safe_dump(big))
+    env = {**project.env(), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+           "DALLE3_PARAMS": str(project.root / "big.yaml")}
+    cmd = [str(BIN / "dagster"), "asset", "materialize", "-m", "dalle3_dag.definitions",
+           "--select", "raw_pairs"]
+    proc = subprocess.Popen(cmd, cwd=project.root, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assets = project.root / "assets"
+    deadline = time.monotonic() + 240
+    while not list(assets.glob(".raw_pairs.tmp-*/train/00001.tar")):
+        assert proc.poll() is None and time.monotonic() < deadline, "never started writing"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list(assets.glob(".raw_pairs.tmp-*")) and not (assets / "raw_pairs").exists()
+    with cli_instance(project) as instance:
+        (killed,) = instance.get_runs()
+        assert killed.status == dg.DagsterRunStatus.STARTED
+    mlflow.set_tracking_uri(project.mlflow.resolved_uri())
+    (stuck,) = mlflow.search_runs(experiment_names=["dalle3-dag"], output_format="list")
+    assert stuck.info.status == "RUNNING"
+
+    run(cmd, project)
+
+    assert list(assets.glob(".raw_pairs.tmp-*")) == []
+    assert json.loads((assets / "raw_pairs" / "summary.json").read_text())["splits"]
+    with cli_instance(project) as instance:
+        assert instance.get_run_by_id(killed.run_id).status == dg.DagsterRunStatus.FAILURE
+    assert mlflow.get_run(stuck.info.run_id).info.status == "KILLED"
+    statuses = {r.info.status for r in mlflow.search_runs(
+        experiment_names=["dalle3-dag"], output_format="list")}
+    assert statuses == {"KILLED", "FINISHED"}
+
+
+def test_bad_params_stop_a_run_before_any_work(project):
+    """A blend setting that cannot work fails the code location's load, so not even
+    raw_pairs runs: the error names the section and the field."""
+    params = yaml.safe_load((project.root / "params.yaml").read_text())
+    params["mixed_training_set"]["synthetic_ratio"] = 1.5
+    params["raw_pairs"]["shard_sise"] = 16
+    for problem, named in (
+        ({"mixed_training_set": params["mixed_training_set"]}, "mixed_training_set:"),
+        ({"raw_pairs": params["raw_pairs"]}, "raw_pairs: unknown field(s) ['shard_sise']"),
+        ({"raw_pair": {}}, "unknown section(s) ['raw_pair']"),
+    ):
+        good = yaml.safe_load((project.root / "params.yaml").read_text())
+        (project.root / "bad.yaml").write_text(yaml.safe_dump(good | problem))
+        proc = subprocess.run(
+            [str(BIN / "dagster"), "asset", "materialize", "-m", "dalle3_dag.definitions",
+             "--select", "*"],
+            cwd=project.root, capture_output=True, text=True,
+            env={**project.env(), "DALLE3_PARAMS": str(project.root / "bad.yaml")},
+        )
+        assert proc.returncode != 0
+        assert named in proc.stderr, proc.stderr[-2000:]
+        assert not (project.root / "assets").exists()

@@ -2,6 +2,8 @@
 
 import io
 import json
+import os
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -9,22 +11,25 @@ import dagster as dg
 import mlflow
 import pytest
 import webdataset as wds
+import yaml
+from conftest import web_source, write_web_shards
+from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
+from dagster._core.loader import LoadingContextForTest
 
-from dalle3_dag import raw_pairs as raw_pairs_module
-from dalle3_dag.raw_pairs import raw_pairs
+from dalle3_dag.raw_pairs import observe_sources, raw_pairs, raw_pairs_source
 from dalle3_dag.resources import StorageResource
-from ml.data.shapeworld import ShapeWorldConfig, generate
-from ml.data.shards import list_shards, write_shards
+from dalle3_dag.versioning import CONFIG_FILE as CONFIG
+from ml.data.raw_pairs import load_split, split_of
+from ml.data.shards import list_shards, read_shards
 
-CHECKS = dg.load_asset_checks_from_modules([raw_pairs_module])
 
-
-def materialize(project, run_config=None) -> dg.ExecuteInProcessResult:
+def materialize(project, run_config=None, instance=None) -> dg.ExecuteInProcessResult:
     return dg.materialize(
-        [raw_pairs, *CHECKS],
+        [raw_pairs],
         resources=project.resources,
         run_config=run_config or {},
         raise_on_error=False,
+        instance=instance,
     )
 
 
@@ -72,7 +77,12 @@ def test_rematerializing_the_same_params_gives_the_same_hash(project):
     assert project.dvc.out_hash("raw_pairs") == first
 
 
-def test_run_config_overrides_params(project):
+def locked_params(project) -> dict:
+    lock = yaml.safe_load((project.root / "dvc.lock").read_text())
+    return lock["stages"]["raw_pairs"]["params"]["params.yaml"]["raw_pairs"]
+
+
+def test_run_config_overrides_params_and_dvc_lock_records_them(project):
     result = materialize(project, {"ops": {"raw_pairs": {"config": {
         "splits": {"train": 40, "labelled": 8, "clip": 8, "eval": 8},
         "world": {"noise": {"empty": 0.0, "irrelevant": 0.0}},
@@ -81,6 +91,24 @@ def test_run_config_overrides_params(project):
     meta = materialization(result).metadata
     assert meta["samples_per_split"].value["train"] == 40
     assert meta["caption_words"].value["empty_frac"] == 0.0
+    # what ran is in dvc.lock and in the folder, and DVC sees it is not params.yaml's
+    assert locked_params(project)["splits"]["train"] == 40
+    ran = json.loads((project.storage.asset_dir("raw_pairs") / CONFIG).read_text())
+    assert ran["splits"]["train"] == 40 and ran["world"]["noise"]["empty"] == 0.0
+    assert "up to date" not in project.dvc._dvc("status", "raw_pairs")
+    assert materialize(project).success  # params.yaml as it is: up to date again
+    assert "up to date" in project.dvc._dvc("status", "raw_pairs")
+
+
+def test_another_params_file_is_recorded(project, monkeypatch):
+    params = yaml.safe_load((project.root / "params.yaml").read_text())
+    params["raw_pairs"]["shard_size"] = 16
+    other = project.root / "other.yaml"
+    other.write_text(yaml.safe_dump(params))
+    monkeypatch.setenv("DALLE3_PARAMS", str(other))
+    assert materialize(project).success
+    assert locked_params(project)["shard_size"] == 16
+    assert "up to date" not in project.dvc._dvc("status", "raw_pairs")
 
 
 def test_bad_params_fail_naming_the_field_and_keep_the_old_asset(project):
@@ -97,36 +125,112 @@ def test_bad_params_fail_naming_the_field_and_keep_the_old_asset(project):
     assert leftovers == ["raw_pairs"]
 
 
-def _corrupt_shards(folder: Path) -> None:
-    """Two good shards, one with a garbage PNG, and a truncated third shard."""
-    samples = list(generate(48, seed=7, cfg=ShapeWorldConfig(), split="web"))
-    write_shards(samples[:40], folder, shard_size=20)
-    bad = folder / "00001.tar"
-    with tarfile.open(bad, "a") as tar:
-        for name, data in (("broken.png", b"\x89PNG not really"), ("broken.txt", b"oops")):
+def test_faulted_shards_are_rejected_and_the_previous_version_stays_live(project, tmp_path):
+    """6 bad samples of 40 (rate 0.15) fail a blocking check: the run fails, the live asset,
+    dvc.lock and the DVC hash are the previous version's, and the rejected one is kept."""
+    assert materialize(project).success
+    live = project.storage.asset_dir("raw_pairs")
+    before = (project.dvc.out_hash("raw_pairs"), (project.root / "dvc.lock").read_bytes())
+    source = tmp_path / "incoming"
+    write_web_shards(source, 34, shard_size=17)
+    with tarfile.open(source / "00001.tar", "a") as tar:  # 6 images that will not decode
+        for i in range(6):
+            for name, data in ((f"bad{i}.jpg", b"\xff\xd8 not a jpeg"), (f"bad{i}.txt", b"x")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+    with dg.DagsterInstance.ephemeral() as instance:
+        config = {"ops": {"raw_pairs": {"config": web_source(source)}}}
+        result = materialize(project, config, instance)
+        evaluations = {
+            record.dagster_event.event_specific_data.check_name: (
+                record.dagster_event.event_specific_data.passed
+            )
+            for record in instance.all_logs(
+                result.run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION
+            )
+        }
+    assert not result.success
+    error = str(result.failure_data_for_node("raw_pairs").error)
+    assert "raw_pairs_decode_failures" in error and "previous version stays live" in error
+    assert (project.dvc.out_hash("raw_pairs"), (project.root / "dvc.lock").read_bytes()) == before
+    assert json.loads((live / "summary.json").read_text())["source"] == "shapeworld"
+    (rejected,) = project.storage.rejected_dir("raw_pairs").iterdir()
+    assert str(rejected) in error
+    summary = json.loads((rejected / "summary.json").read_text())
+    assert summary["source"] == "webdataset" and summary["skipped"]["skipped_images"] == 6
+    assert json.loads((rejected / CONFIG).read_text())["uri"] == str(source)
+    assert evaluations["raw_pairs_decode_failures"] is False
+    assert evaluations["raw_pairs_sample_count"] is True
+    mlflow.set_tracking_uri(project.mlflow.resolved_uri())
+    (run,) = mlflow.search_runs(
+        experiment_names=["dalle3-dag"], filter_string="attributes.status = 'FAILED'",
+        output_format="list",
+    )
+    assert run.data.tags["dalle3.rejected"] == str(rejected) and "dvc.hash" not in run.data.tags
+    assert [p.name for p in live.parent.iterdir() if p.name.startswith(".raw_pairs")] == []
+
+
+def test_corrupt_webdataset_input_is_skipped_counted_and_split_by_key(project, tmp_path):
+    source = tmp_path / "incoming"
+    write_web_shards(source, 80, shard_size=20)
+    with tarfile.open(source / "00001.tar", "a") as tar:
+        for name, data in (("broken.jpg", b"\xff\xd8 not really"), ("broken.txt", b"oops")):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    write_shards(samples[40:], folder / "extra", shard_size=8)
-    whole = (folder / "extra" / "00000.tar").read_bytes()
-    (folder / "00002.tar").write_bytes(whole[: len(whole) // 2])
-
-
-def test_corrupt_webdataset_input_is_skipped_and_reported(project, tmp_path):
-    source = tmp_path / "incoming"
-    _corrupt_shards(source)
-    result = materialize(project, {"ops": {"raw_pairs": {"config": {
-        "source": "webdataset", "uri": str(source),
-    }}}})
+    whole = (source / "00003.tar").read_bytes()
+    (source / "00003.tar").write_bytes(whole[: len(whole) // 2])
+    result = materialize(project, {"ops": {"raw_pairs": {"config": web_source(source)}}})
     assert result.success
     meta = materialization(result).metadata
-    skipped = meta["skipped"].value["train"]
-    assert skipped["skipped_images"] == 1
-    assert skipped["truncated_shards"] == 1
-    kept = meta["samples_per_split"].value["train"]
-    assert 40 <= kept < 48
-    summary = json.loads((project.storage.asset_dir("raw_pairs") / "summary.json").read_text())
-    assert summary["source"] == "webdataset"
+    skipped = meta["skipped"].value
+    assert (skipped["skipped_images"], skipped["truncated_shards"]) == (1, 1)
+    assert skipped["skipped_truncated"] == 1
+    counts = meta["samples_per_split"].value
+    assert set(counts) == {"train", "labelled", "clip", "eval"} and min(counts.values()) > 0
+    out = project.storage.asset_dir("raw_pairs")
+    split_keys = {s: {x.key for x in load_split(out, s)} for s in counts}
+    # every key in exactly one split; captioned samples outside eval form `labelled`, carrying
+    # their captions under the names the captioner stages read
+    assert sum(len(k) for k in split_keys.values()) == len(set().union(*split_keys.values()))
+    labelled = load_split(out, "labelled")
+    assert all(int(s.key[-4:]) % 3 == 0 for s in labelled)
+    assert all(s.meta["short_caption"] == s.meta["human_short"] for s in labelled)
+    for split in ("train", "clip", "eval"):
+        assert all(split_of(key, 0, web_source(source)["fractions"]) == split
+                   for key in split_keys[split])
+    listing = json.loads((out / "source.json").read_text())
+    assert [Path(e["uri"]).name for e in listing] == [f"0000{i}.tar" for i in range(4)]
+
+
+def test_labelled_captions_from_a_sidecar_file(project, tmp_path):
+    source = tmp_path / "incoming"
+    write_web_shards(source, 30, captioned_every=1000)  # only sample 0 has JSON captions
+    sidecar = tmp_path / "human.jsonl"
+    rows = [
+        {"key": s.key, "short_caption": f"short {s.key}", "descriptive_caption": f"long {s.key}"}
+        for s in read_shards(str(source))
+        if int(s.key[-4:]) % 2
+    ]
+    sidecar.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    config = web_source(source) | {"labelled": {"sidecar": str(sidecar)}}
+    result = materialize(project, {"ops": {"raw_pairs": {"config": config}}})
+    assert result.success
+    labelled = load_split(project.storage.asset_dir("raw_pairs"), "labelled")
+    assert labelled and all(s.meta["descriptive_caption"] == f"long {s.key}" for s in labelled)
+
+
+def test_webdataset_without_labelled_captions_fails_before_any_work(project, tmp_path):
+    source = tmp_path / "incoming"
+    write_web_shards(source, 10)
+    config = web_source(source) | {"labelled": {"short_field": "human_short"}}
+    result = materialize(project, {"ops": {"raw_pairs": {"config": config}}})
+    assert not result.success
+    error = str(result.failure_data_for_node("raw_pairs").error)
+    assert "labelled.descriptive_field" in error and "labelled.sidecar" in error
+    assert not project.storage.asset_dir("raw_pairs").exists()
 
 
 def test_s3_source_and_mirror(project, s3_server, tmp_path):
@@ -137,27 +241,108 @@ def test_s3_source_and_mirror(project, s3_server, tmp_path):
     for bucket in ("incoming", "mirror"):
         client.create_bucket(Bucket=bucket)
     local = tmp_path / "shards"
-    write_shards(generate(30, seed=1, cfg=ShapeWorldConfig(), split="web"), local, shard_size=16)
+    write_web_shards(local, 30, shard_size=16)
     for path in local.iterdir():
         client.upload_file(str(path), "incoming", f"pairs/{path.name}")
 
+    config = web_source(local) | {"uri": "s3://incoming/pairs"}
     result = dg.materialize(
         [raw_pairs],
         resources={**project.resources, "storage": storage},
-        run_config={"ops": {"raw_pairs": {"config": {
-            "source": "webdataset", "uri": "s3://incoming/pairs",
-        }}}},
+        run_config={"ops": {"raw_pairs": {"config": config}}},
     )
     meta = materialization(result).metadata
-    assert meta["samples_per_split"].value == {"train": 30}
+    assert sum(meta["samples_per_split"].value.values()) == 30
     assert meta["s3_uri"].value == "s3://mirror/toy/raw_pairs"
     listed = client.list_objects_v2(Bucket="mirror", Prefix="toy/raw_pairs/")
     names = {o["Key"] for o in listed["Contents"]}
     assert {"toy/raw_pairs/summary.json", "toy/raw_pairs/train/00000.tar"} <= names
 
+    # a dead endpoint is reported before any work, naming the prefix
+    dead = StorageResource(root=project.storage.root, endpoint_url="http://127.0.0.1:9")
+    failed = dg.materialize(
+        [raw_pairs],
+        resources={**project.resources, "storage": dead},
+        run_config={"ops": {"raw_pairs": {"config": config}}},
+        raise_on_error=False,
+    )
+    error = str(failed.failure_data_for_node("raw_pairs").error)
+    assert "cannot read s3://incoming/pairs: http://127.0.0.1:9 is unreachable" in error
 
-@pytest.mark.parametrize("field,value", [("source", "flickr"), ("shard_size", 0)])
-def test_invalid_config_names_the_field(project, field, value):
-    result = materialize(project, {"ops": {"raw_pairs": {"config": {field: value}}}})
+
+def observe(project, instance) -> None:
+    """Observe raw_pairs_source, as `dalle3 run` or the UI's "Observe sources" button does."""
+    defs = dg.Definitions(
+        assets=[raw_pairs_source], jobs=[observe_sources], resources=project.resources
+    )
+    assert defs.resolve_job_def("observe_sources").execute_in_process(instance=instance).success
+
+
+def test_changed_source_shards_make_raw_pairs_stale(project, tmp_path):
+    source = tmp_path / "incoming"
+    write_web_shards(source, 40)
+    defs = dg.Definitions(assets=[raw_pairs_source, raw_pairs], resources=project.resources)
+    params = yaml.safe_load((project.root / "params.yaml").read_text())
+    params["raw_pairs"] |= web_source(source)
+    (project.root / "params.yaml").write_text(yaml.safe_dump(params))
+    with dg.DagsterInstance.ephemeral() as instance:
+
+        def status() -> StaleStatus:
+            resolver = CachingStaleStatusResolver(
+                instance, defs.resolve_asset_graph(), LoadingContextForTest(instance)
+            )
+            return resolver.get_status(dg.AssetKey("raw_pairs"))
+
+        # as `dalle3 run` does: observe the source, then materialize what it feeds
+        observe(project, instance)
+        assert dg.materialize([raw_pairs_source, raw_pairs], selection=["raw_pairs"],
+                              resources=project.resources, instance=instance).success
+        assert status() == StaleStatus.FRESH
+        observe(project, instance)
+        assert status() == StaleStatus.FRESH  # the same shards: nothing to do
+        write_web_shards(source / "more", 5)
+        (source / "more" / "00000.tar").rename(source / "00009.tar")
+        observe(project, instance)
+        assert status() == StaleStatus.STALE
+
+
+def test_staging_folders_of_dead_writers_are_removed_by_the_next_write(project):
+    root = Path(project.storage.root)
+    root.mkdir(parents=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    orphan = root / f".raw_pairs.tmp-{dead.pid}-0badc0de"
+    alive = root / f".raw_pairs.tmp-{os.getpid()}-11111111"
+    other = root / f".clip_encoder.tmp-{dead.pid}-22222222"
+    for folder in (orphan, alive, other):
+        (folder / "train").mkdir(parents=True)
+    with project.storage.writing("raw_pairs") as out:
+        (out / "x").write_text("1")
+    assert not orphan.exists() and alive.exists() and other.exists()
+    assert (root / "raw_pairs" / "x").read_text() == "1"
+
+
+@pytest.mark.parametrize(
+    "config,named",
+    [
+        ({"source": "flickr"}, "source"),
+        ({"shard_size": 0}, "shard_size"),
+        ({"splits": {"trian": 8}}, "splits: unknown split(s) ['trian']"),
+        ({"world": {"image_size": 0}}, "image_size must be >= 8"),
+        ({"fractions": {"train": 0.5}}, "fractions must be >= 0 and sum to 1"),
+    ],
+)
+def test_invalid_config_names_the_field(project, config, named):
+    result = materialize(project, {"ops": {"raw_pairs": {"config": config}}})
     assert not result.success
-    assert field in str(result.failure_data_for_node("raw_pairs").error)
+    assert named in str(result.failure_data_for_node("raw_pairs").error)
+    assert not project.storage.asset_dir("raw_pairs").exists()
+
+
+def test_wrong_types_in_params_name_the_field_path(project):
+    params = yaml.safe_load((project.root / "params.yaml").read_text())
+    params["raw_pairs"]["shard_size"] = "big"
+    (project.root / "params.yaml").write_text(yaml.safe_dump(params))
+    result = materialize(project)
+    error = str(result.failure_data_for_node("raw_pairs").error)
+    assert "raw_pairs.shard_size: expected an integer, got 'big'" in error

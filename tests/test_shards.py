@@ -183,7 +183,7 @@ def test_corrupt_image_and_truncated_shard_are_skipped(tmp_path: Path) -> None:
     assert 0 < len(survivors) < 10
     assert as_records(survivors) == as_records(samples[10 : 10 + len(survivors)])
     assert stats == ReadStats(
-        samples=len(read), shards=2, skipped_images=1, skipped_members=0, truncated_shards=1
+        samples=len(read), shards=2, skipped_images=1, skipped_truncated=1, truncated_shards=1
     )
 
 
@@ -221,10 +221,19 @@ def test_truncated_shard_detected_at_any_cut(tmp_path: Path, cut: str) -> None:
     stats = ReadStats()
     read = list(read_shard(str(shard), stats))
 
-    # Only whole samples come out, in order, and the possibly incomplete last one is dropped.
+    # Only whole samples come out, in order; the possibly incomplete last one is dropped and
+    # counted, so every sample that was started is accounted for.
     assert len(read) < 10
     assert as_records(read) == as_records(samples[: len(read)])
-    assert stats.truncated_shards == 1
+    assert stats.truncated_shards == 1 and stats.skipped_truncated == 1
+    # member 12 starts sample 4: samples 0-3 are whole before it, the last of them unconfirmed
+    delivered = {
+        "at_member_header": 3,
+        "inside_member_header": 3,
+        "inside_member_data": 4,
+        "before_end_of_archive": 9,
+    }
+    assert len(read) == delivered.get(cut, len(read))
 
 
 def test_non_tar_file_counts_as_truncated(tmp_path: Path) -> None:
@@ -257,11 +266,11 @@ def test_malformed_members_are_counted_and_skipped(tmp_path: Path) -> None:
     stats = ReadStats()
     read = {s.key: s for s in read_shards(str(tmp_path), stats)}
 
-    assert list(read) == ["000000", "000001", "000002", "000004"]
+    # 000001's alt-text is not UTF-8: the sample is skipped and counted, never kept blank
+    assert list(read) == ["000000", "000002", "000004"]
     assert (read["000000"].text, read["000000"].meta) == ("ok", {})
-    assert (read["000001"].text, read["000001"].meta) == ("", {})
     assert (read["000002"].text, read["000002"].meta) == ("", {})
-    assert stats == ReadStats(samples=4, shards=1, skipped_members=6)
+    assert stats == ReadStats(samples=3, shards=1, skipped_members=5, skipped_captions=1)
 
 
 def test_missing_local_paths_raise_naming_them(tmp_path: Path) -> None:
@@ -298,3 +307,19 @@ def test_s3_prefix_reads_like_local_folder(
             list_shards(missing, s3=s3)
     with pytest.raises(FileNotFoundError, match="gone.tar"):
         list(read_shard(f"{uri}/gone.tar", ReadStats(), s3=s3))
+
+
+def test_s3_problems_name_the_uri_and_the_fix(
+    s3_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uri = "s3://shards/toy"
+    dead = boto3.client("s3", endpoint_url="http://127.0.0.1:9")  # nothing listens on port 9
+    with pytest.raises(ConnectionError, match=f"cannot read {uri}: http://127.0.0.1:9 is unreach"):
+        list_shards(uri, s3=dead)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    anonymous = boto3.session.Session().client("s3", endpoint_url=s3_server)
+    with pytest.raises(PermissionError, match=f"cannot read {uri}: no credentials .*AWS_"):
+        list_shards(uri, s3=anonymous)

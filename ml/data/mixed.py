@@ -32,6 +32,21 @@ CAPTION_TYPES = ("alt", "ssc", "dsc")  # "alt" is the baseline: original caption
 SOURCES = ("synthetic", "original", "fallback_original", "fallback_synthetic", "empty")
 
 
+def check_blend(blend: "MixManifest | BlendConfig") -> None:
+    """The blend settings both the stage's config and its manifest must satisfy."""
+    if blend.caption_type not in CAPTION_TYPES:
+        raise ValueError(f"caption_type must be one of {CAPTION_TYPES}, got {blend.caption_type!r}")
+    ratio = blend.synthetic_ratio
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 <= ratio <= 1:
+        raise ValueError(f"synthetic_ratio must be a number in [0, 1], got {ratio!r}")
+    blend.synthetic_ratio = float(ratio)
+    if blend.caption_type == "alt" and blend.synthetic_ratio != 0:
+        # Refused rather than ignored, so a sweep cannot silently train the baseline.
+        raise ValueError("synthetic_ratio must be 0 when caption_type is 'alt'")
+    if isinstance(blend.seed, bool) or not isinstance(blend.seed, int):
+        raise ValueError(f"seed must be an integer, got {blend.seed!r}")
+
+
 @dataclass
 class MixManifest:
     """What the training loader blends. JSON on disk; the `mixed_training_set` asset.
@@ -59,19 +74,7 @@ class MixManifest:
                 f"sidecars must be parallel to shards: {len(self.sidecars)} sidecars "
                 f"for {len(self.shards)} shards"
             )
-        if self.caption_type not in CAPTION_TYPES:
-            raise ValueError(
-                f"caption_type must be one of {CAPTION_TYPES}, got {self.caption_type!r}"
-            )
-        ratio = self.synthetic_ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 <= ratio <= 1:
-            raise ValueError(f"synthetic_ratio must be a number in [0, 1], got {ratio!r}")
-        self.synthetic_ratio = float(ratio)
-        if self.caption_type == "alt" and self.synthetic_ratio != 0:
-            # Refused rather than ignored, so a sweep cannot silently train the baseline.
-            raise ValueError("synthetic_ratio must be 0 when caption_type is 'alt'")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        check_blend(self)
 
     def save(self, path: Path) -> None:
         """Writes the manifest as JSON, atomically."""
@@ -253,3 +256,6 @@ class BlendConfig:
     caption_type: str = "dsc"
     synthetic_ratio: float = 0.95
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_blend(self)

@@ -142,7 +142,8 @@ def _complete_sidecar(
 
     Kept when it reads, has exactly the expected columns, every row has `version`, and its keys
     are the shard's current keys: every key in the sidecar is in the shard, and the shard's
-    remaining keys are exactly as many as the undecodable images the writing run counted.
+    remaining keys are exactly as many as the samples the writing run skipped for their image
+    or their alt-text.
     """
     if not path.is_file():
         return None
@@ -157,7 +158,8 @@ def _complete_sidecar(
         return None
     keys = shard_keys(shard_uri, s3)
     sidecar_keys = table.column(KEY).to_pylist()
-    if not set(sidecar_keys) <= set(keys) or len(keys) != len(sidecar_keys) + stats.skipped_images:
+    skipped = stats.skipped_images + stats.skipped_captions
+    if not set(sidecar_keys) <= set(keys) or len(keys) != len(sidecar_keys) + skipped:
         return None
     return table, stats
 

@@ -108,6 +108,10 @@ class AltTextNoise:
             raise ValueError(f"AltTextNoise probabilities ({names}) sum to {total:.3f} > 1")
 
 
+# The smallest render that still draws every cell of the 3x3 grid (the tests use 8).
+MIN_IMAGE_SIZE = 8
+
+
 @dataclass
 class ShapeWorldConfig:
     """Generator knobs; `image_size` only affects rendering, so captions match at any size."""
@@ -120,6 +124,8 @@ class ShapeWorldConfig:
     noise: AltTextNoise = field(default_factory=AltTextNoise)
 
     def __post_init__(self) -> None:
+        if self.image_size < MIN_IMAGE_SIZE:
+            raise ValueError(f"image_size must be >= {MIN_IMAGE_SIZE}, got {self.image_size}")
         # At most 8 objects so a word always has a free cell.
         if not 1 <= self.min_objects <= self.max_objects <= len(POSITIONS) - 1:
             raise ValueError(
@@ -129,6 +135,11 @@ class ShapeWorldConfig:
         for name in ("word_prob", "texture_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"ShapeWorldConfig.{name} must be in [0, 1]")
+
+
+def scene_of(sample: Sample) -> Scene | None:
+    """A ShapeWorld sample's scene graph; None for data without one (a webdataset source)."""
+    return Scene.from_dict(sample.meta["scene"]) if "scene" in sample.meta else None
 
 
 # --- sampling ---------------------------------------------------------------------------------

@@ -17,14 +17,14 @@ import json
 import os
 import tarfile
 from collections.abc import Iterable, Iterator
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
 
 import boto3
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 from PIL import Image
 
 from ml.data.sample import Sample
@@ -199,10 +199,14 @@ class ReadStats:
     samples: int = 0
     shards: int = 0
     skipped_images: int = 0  # samples dropped because their image bytes would not decode
-    # Members dropped: no extension, text not UTF-8, JSON not parseable, or a key with no image.
+    # Members dropped: no extension, JSON not parseable, or a key with no image.
     skipped_members: int = 0
+    skipped_captions: int = 0  # samples dropped because their alt-text is not UTF-8
+    # Samples dropped because their shard ended while reading them: the last one read from a
+    # truncated shard may lack members, so it is never delivered.
+    skipped_truncated: int = 0
     # Shards that end early (cut mid-member, mid-header or before the end-of-archive blocks)
-    # or are not tars at all. Their last, possibly incomplete, sample is dropped.
+    # or are not tars at all.
     truncated_shards: int = 0
 
 
@@ -211,12 +215,22 @@ def list_shards(uri: str, s3: Any = None) -> list[str]:
 
     With `s3=None` a default boto3 client is made, which honours AWS_ENDPOINT_URL.
     """
+    return [entry["uri"] for entry in shard_listing(uri, s3)]
+
+
+def shard_listing(uri: str, s3: Any = None) -> list[dict[str, Any]]:
+    """Each shard's URI with its size and its modification time (local) or ETag (S3): a
+    fingerprint of the source that changes when shards are added, removed or rewritten."""
     if uri.startswith("s3://"):
         return _list_s3(uri, s3 or boto3.client("s3"))
     folder = Path(uri)
     if not folder.is_dir():
         raise FileNotFoundError(f"shard folder not found: {uri}")
-    return sorted(str(path) for path in folder.glob("*.tar") if path.is_file())
+    paths = sorted(path for path in folder.glob("*.tar") if path.is_file())
+    return [
+        {"uri": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        for path, stat in ((path, path.stat()) for path in paths)
+    ]
 
 
 def read_shards(uri: str, stats: ReadStats | None = None, s3: Any = None) -> Iterator[Sample]:
@@ -238,8 +252,17 @@ def read_shard(uri: str, stats: ReadStats, s3: Any = None) -> Iterator[Sample]:
                 if sample is not None:
                     stats.samples += 1
                     yield sample
-        except (tarfile.TarError, EOFError):  # EOFError: a compressed shard cut short
+        except _Truncated as cut:
             stats.truncated_shards += 1
+            stats.skipped_truncated += cut.pending
+
+
+class _Truncated(Exception):
+    """A shard ended early; `pending` samples were being read and are not delivered."""
+
+    def __init__(self, pending: int) -> None:
+        super().__init__("shard ends before its end-of-archive marker")
+        self.pending = pending
 
 
 def _split_s3(uri: str) -> tuple[str, str]:
@@ -247,42 +270,60 @@ def _split_s3(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-def _s3_not_found(error: ClientError) -> bool:
-    return error.response.get("Error", {}).get("Code") in ("NoSuchBucket", "NoSuchKey", "404")
+@contextmanager
+def _s3_errors(uri: str, s3: Any) -> Iterator[None]:
+    """botocore's errors as ones that name the URI and say what to fix."""
+    endpoint = getattr(getattr(s3, "meta", None), "endpoint_url", "the S3 endpoint")
+    try:
+        yield
+    except NoCredentialsError as error:
+        raise PermissionError(
+            f"cannot read {uri}: no credentials (set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
+        ) from error
+    except EndpointConnectionError as error:
+        raise ConnectionError(
+            f"cannot read {uri}: {endpoint} is unreachable (check AWS_ENDPOINT_URL or the "
+            "storage resource's endpoint_url)"
+        ) from error
+    except ClientError as error:
+        code = error.response.get("Error", {}).get("Code", "")
+        if code in ("NoSuchBucket", "NoSuchKey", "404"):
+            raise FileNotFoundError(f"not found: {uri}") from error
+        if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            raise PermissionError(f"cannot read {uri}: access denied ({code})") from error
+        raise
 
 
-def _list_s3(uri: str, s3: Any) -> list[str]:
+def _list_s3(uri: str, s3: Any) -> list[dict[str, Any]]:
     bucket, prefix = _split_s3(uri)
     if prefix and not prefix.endswith("/"):
         prefix += "/"  # "data/a" must not match "data/ab/..."
-    keys: list[str] = []
+    entries: list[dict[str, Any]] = []
     found_any = False
-    try:
+    with _s3_errors(uri, s3):
         pages = s3.get_paginator("list_objects_v2").paginate(
             Bucket=bucket, Prefix=prefix, Delimiter="/"
         )
         for page in pages:
             found_any = found_any or page.get("KeyCount", 0) > 0
-            keys += [obj["Key"] for obj in page.get("Contents", []) if obj["Key"].endswith(".tar")]
-    except ClientError as error:
-        if _s3_not_found(error):
-            raise FileNotFoundError(f"shard prefix not found: {uri}") from error
-        raise
+            entries += [
+                {"uri": f"s3://{bucket}/{obj['Key']}", "size": obj["Size"], "etag": obj["ETag"]}
+                for obj in page.get("Contents", [])
+                if obj["Key"].endswith(".tar")
+            ]
     if not found_any:  # S3 has no folders: an empty prefix is the closest thing to a missing one
         raise FileNotFoundError(f"shard prefix not found: {uri}")
-    return [f"s3://{bucket}/{key}" for key in sorted(keys)]
+    return sorted(entries, key=lambda entry: entry["uri"])
 
 
 def _open_stream(uri: str, s3: Any) -> IO[bytes]:
     if not uri.startswith("s3://"):
         return open(uri, "rb")
     bucket, key = _split_s3(uri)
-    try:
-        return (s3 or boto3.client("s3")).get_object(Bucket=bucket, Key=key)["Body"]
-    except ClientError as error:
-        if _s3_not_found(error):
-            raise FileNotFoundError(f"shard not found: {uri}") from error
-        raise
+    s3 = s3 or boto3.client("s3")
+    with _s3_errors(uri, s3):
+        return s3.get_object(Bucket=bucket, Key=key)["Body"]
 
 
 class _ShardTarInfo(tarfile.TarInfo):
@@ -309,25 +350,30 @@ class _ShardTarFile(tarfile.TarFile):
 def _member_groups(stream: IO[bytes], stats: ReadStats) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yields (key, {extension: bytes}) per run of consecutive members sharing a key.
 
-    Raises tarfile.ReadError when the shard ends early; the group being read is then not
-    yielded, as it may be missing members.
+    Raises `_Truncated` when the shard ends early; the group being read is then not yielded,
+    as it may be missing members, and is counted as pending.
     """
-    key, parts = "", {}
-    with _ShardTarFile.open(fileobj=stream, mode="r|*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            member_key, dot, extension = os.path.basename(member.name).partition(".")
-            if not dot:
-                stats.skipped_members += 1
-                continue
-            if member_key != key and parts:
-                yield key, parts
-                parts = {}
-            key = member_key
-            parts[extension.lower()] = tar.extractfile(member).read()  # type: ignore[union-attr]
-        if not tar.complete:
-            raise tarfile.ReadError("shard ends before its end-of-archive marker")
+    key, parts, reading = "", {}, False
+    try:
+        with _ShardTarFile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                member_key, dot, extension = os.path.basename(member.name).partition(".")
+                if not dot:
+                    stats.skipped_members += 1
+                    continue
+                if member_key != key and parts:
+                    yield key, parts
+                    parts = {}
+                key, reading = member_key, True
+                parts[extension.lower()] = tar.extractfile(member).read()  # type: ignore[union-attr]
+                reading = False
+            complete = tar.complete
+    except (tarfile.TarError, EOFError) as error:  # EOFError: a compressed shard cut short
+        raise _Truncated(int(bool(parts) or reading)) from error
+    if not complete:
+        raise _Truncated(int(bool(parts)))
     if parts:
         yield key, parts
 
@@ -338,23 +384,18 @@ def _decode_sample(key: str, parts: dict[str, bytes], stats: ReadStats) -> Sampl
         stats.skipped_members += len(parts)
         return None
     try:
+        text = parts["txt"].decode("utf-8") if "txt" in parts else ""
+    except UnicodeDecodeError:
+        stats.skipped_captions += 1
+        return None
+    try:
         with Image.open(io.BytesIO(image_bytes)) as image:
             image.load()  # decode now: PIL is lazy and would fail later, far from the shard
             rgb = image.convert("RGB")
     except Exception:  # decoders raise OSError, SyntaxError, ValueError... on bad bytes
         stats.skipped_images += 1
         return None
-    return Sample(
-        key=key, image=rgb, text=_decode_text(parts, stats), meta=_decode_meta(parts, stats)
-    )
-
-
-def _decode_text(parts: dict[str, bytes], stats: ReadStats) -> str:
-    try:
-        return parts["txt"].decode("utf-8") if "txt" in parts else ""
-    except UnicodeDecodeError:
-        stats.skipped_members += 1
-        return ""
+    return Sample(key=key, image=rgb, text=text, meta=_decode_meta(parts, stats))
 
 
 def _decode_meta(parts: dict[str, bytes], stats: ReadStats) -> dict[str, Any]:
@@ -373,8 +414,9 @@ def shard_keys(uri: str, s3: Any = None) -> list[str]:
     """Keys of the samples in a shard that carry an image, in order, without decoding images.
 
     This is what `read_shard` would yield, plus the samples whose image bytes do not decode
-    (which it counts in `ReadStats.skipped_images`). It still reads the shard's bytes, since a
-    streamed tar has no index, but skips the image decoding that dominates a read.
+    (which it counts in `ReadStats.skipped_images`) or whose alt-text is not UTF-8. It still
+    reads the shard's bytes, since a streamed tar has no index, but skips the image decoding
+    that dominates a read.
     """
     keys: list[str] = []
     with closing(_open_stream(uri, s3)) as stream:
@@ -382,6 +424,6 @@ def shard_keys(uri: str, s3: Any = None) -> list[str]:
             for key, parts in _member_groups(stream, ReadStats()):
                 if any(ext in parts for ext in IMAGE_EXTENSIONS):
                     keys.append(key)
-        except (tarfile.TarError, EOFError):  # a cut-off shard: read_shard stops here too
+        except _Truncated:  # a cut-off shard: read_shard stops here too
             pass
     return keys
