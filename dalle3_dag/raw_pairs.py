@@ -80,7 +80,11 @@ def raw_pairs_source(context: dg.OpExecutionContext) -> dg.DataVersion:
 
 
 # `dalle3 run` (and the UI's "Observe sources") run this before materializing raw_pairs.
-observe_sources = dg.define_asset_job("observe_sources", selection=dg.AssetSelection.assets(SOURCE))
+observe_sources = dg.define_asset_job(
+    "observe_sources",
+    selection=dg.AssetSelection.assets(SOURCE),
+    executor_def=dg.in_process_executor,
+)
 
 
 def _s3(storage: StorageResource, cfg: RawPairsConfig) -> Any:
