@@ -128,12 +128,20 @@ def run_owner_pid() -> int:
 
 
 def remove_orphans(parent: Path, key: str) -> list[Path]:
-    """Remove the staging and swap folders of `key` whose writer process is gone."""
+    """Remove the staging and swap folders of `key` whose writer process is gone.
+
+    A writer killed between moving the live version aside and moving the new one in leaves
+    no live folder: its swap folder is that live version, and is put back instead.
+    """
     removed = []
-    for path in parent.glob(f".{key}.*-*-*"):
+    for path in sorted(parent.glob(f".{key}.*-*-*")):
         kind, _, owner = path.name.removeprefix(f".{key}.").partition("-")
         pid = owner.partition("-")[0]
-        if kind in ("tmp", "old") and pid.isdigit() and not pid_alive(int(pid)):
+        if kind not in ("tmp", "old") or not pid.isdigit() or pid_alive(int(pid)):
+            continue
+        if kind == "old" and not (parent / key).exists():
+            path.rename(parent / key)
+        else:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed

@@ -17,7 +17,7 @@ from dagster._core.definitions.data_version import CachingStaleStatusResolver, S
 from dagster._core.loader import LoadingContextForTest
 
 from dalle3_dag.raw_pairs import observe_sources, raw_pairs, raw_pairs_source
-from dalle3_dag.resources import StorageResource
+from dalle3_dag.resources import StorageResource, remove_orphans
 from dalle3_dag.versioning import CONFIG_FILE as CONFIG
 from ml.data.raw_pairs import load_split, split_of
 from ml.data.shards import list_shards, read_shards
@@ -319,6 +319,12 @@ def test_staging_folders_of_dead_writers_are_removed_by_the_next_write(project):
     with project.storage.writing("raw_pairs") as out:
         (out / "x").write_text("1")
     assert not orphan.exists() and alive.exists() and other.exists()
+    assert (root / "raw_pairs" / "x").read_text() == "1"
+
+    # killed mid-swap: the live version had been moved aside, and is put back, not removed
+    (root / "raw_pairs").rename(root / f".raw_pairs.old-{dead.pid}-33333333")
+    (root / f".raw_pairs.tmp-{dead.pid}-44444444").mkdir()
+    assert remove_orphans(root, "raw_pairs") == [root / f".raw_pairs.tmp-{dead.pid}-44444444"]
     assert (root / "raw_pairs" / "x").read_text() == "1"
 
 
