@@ -68,8 +68,11 @@ def summary(_: argparse.Namespace) -> int:
     from dalle3_dag.definitions import defs
 
     storage, dvc = StorageResource(), DvcResource()
+    graph = defs.resolve_asset_graph()
     print(f"{'asset':24} {'group':14} {'dvc hash':38} path")
     for spec in sorted(defs.resolve_all_asset_specs(), key=lambda s: s.key.to_user_string()):
+        if not graph.get(spec.key).is_materializable:  # raw_pairs_source is only observed
+            continue
         key = spec.key.to_user_string()
         path = storage.asset_dir(key)
         shown = str(path) if path.exists() else "(not materialized)"
