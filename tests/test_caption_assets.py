@@ -73,25 +73,29 @@ def test_whole_graph_end_to_end(project, instance, tmp_path):
     for attribute in ("color", "shape"):
         assert 0.0 <= clip_event.metadata[f"{attribute}_preference"].value <= 1.0
 
-    # a floor raised above the ssc captioner's score rejects its new version: the old one
-    # stays live, unregistered anew, and the rejected one is kept for a look
-    ssc_dir = project.storage.asset_dir("captioner_ssc")
-    before = (project.dvc.out_hash("captioner_ssc"), (ssc_dir / "model.safetensors").read_bytes())
+    # a floor raised above the CLIP's score rejects its new version: the old one stays live and
+    # the rejected one is kept for a look
+    clip_files = sorted(p.name for p in clip_dir.iterdir())
+    before = (project.dvc.out_hash("clip_encoder"), (clip_dir / "open_clip_model.safetensors"))
+    before = (before[0], before[1].read_bytes())
     params = yaml.safe_load((project.root / "params.yaml").read_text())
-    params["checks"]["ssc_main_object_accuracy"] = 1.01
+    params["checks"]["clip_color_preference"] = 1.01
     (project.root / "params.yaml").write_text(yaml.safe_dump(params))
     rejected = dg.materialize(
-        [*ASSETS, *CHECKS], selection=["captioner_ssc"], resources=project.resources,
+        [*ASSETS, *CHECKS], selection=["clip_encoder"], resources=project.resources,
         instance=instance, raise_on_error=False,
-        run_config={"ops": {"captioner_ssc": {"config": {"train": {"steps": 4}}}}},
+        run_config={"ops": {"clip_encoder": {"config": {"train": {"steps": 4}}}}},
     )
     assert not rejected.success
-    assert "captioner_ssc_main_object" in str(rejected.failure_data_for_node("captioner_ssc").error)
-    after = (project.dvc.out_hash("captioner_ssc"), (ssc_dir / "model.safetensors").read_bytes())
-    assert after == before
-    (kept,) = project.storage.rejected_dir("captioner_ssc").iterdir()
+    error = str(rejected.failure_data_for_node("clip_encoder").error)
+    assert "clip_encoder_binds_attributes" in error
+    weights = (clip_dir / "open_clip_model.safetensors").read_bytes()
+    assert (project.dvc.out_hash("clip_encoder"), weights) == before
+    assert sorted(p.name for p in clip_dir.iterdir()) == clip_files
+    (kept,) = project.storage.rejected_dir("clip_encoder").iterdir()
+    assert str(kept) in error
     assert json.loads((kept / "effective_config.json").read_text())["train"]["steps"] == 4
-    params["checks"]["ssc_main_object_accuracy"] = 0.0
+    params["checks"]["clip_color_preference"] = 0.0
     (project.root / "params.yaml").write_text(yaml.safe_dump(params))
 
     # captioners: each one a finished MLflow run and a registered model version
@@ -104,7 +108,6 @@ def test_whole_graph_end_to_end(project, instance, tmp_path):
         assert "loss" in run.data.metrics
         assert run.data.tags["dvc.input.clip_encoder"] == project.dvc.out_hash("clip_encoder")
         assert client.get_model_version(f"captioner_{stage}", "1").run_id == run.info.run_id
-    assert len(client.search_model_versions("name = 'captioner_ssc'")) == 1
 
     # the captioners caption image files from the command line
     image = tmp_path / "scene.png"
