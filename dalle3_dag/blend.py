@@ -1,10 +1,8 @@
 """`recaptioned_dataset` (one partition per shard) and `mixed_training_set` (the blend)."""
 
 import itertools
-import json
 import math
 import os
-from dataclasses import asdict
 from pathlib import Path
 
 import dagster as dg
@@ -14,11 +12,18 @@ from dalle3_dag.metadata import captioned_images
 from dalle3_dag.partitions import SHARDS
 from dalle3_dag.project import effective_params, resolve
 from dalle3_dag.resources import DvcResource, MlflowResource, StorageResource
-from dalle3_dag.versioning import check_specs, commit, folder_check, staged, tracked_run
+from dalle3_dag.versioning import (
+    check_specs,
+    commit,
+    folder_check,
+    staged,
+    tracked_run,
+    write_config,
+)
 from ml.captioner.stages import ImageCaptioner
 from ml.data.mixed import BlendConfig, MixManifest, blend_stats
 from ml.data.recaption import RecaptionConfig, read_sidecar, recaption_shard
-from ml.data.shards import ReadStats, read_shard, write_atomic
+from ml.data.shards import ReadStats, read_shard
 
 RAW, CLIP, RECAP, MIX = "raw_pairs", "clip_encoder", "recaptioned_dataset", "mixed_training_set"
 SYNTHETIC = ("ssc", "dsc")
@@ -81,8 +86,7 @@ def recaptioned_dataset(
             if s.key in rows
         ]
         # Each partition's sidecar sits beside the effective config that made it.
-        config_file = out.with_suffix(".config.json")
-        write_atomic(config_file, json.dumps(asdict(cfg), indent=2, sort_keys=True).encode())
+        write_config(out.with_suffix(".config.json"), cfg)
         metadata = {
             "samples": dg.MetadataValue.int(result.samples),
             "samples_per_s": dg.MetadataValue.float(round(result.samples_per_s, 1)),

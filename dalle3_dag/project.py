@@ -32,12 +32,17 @@ def params_path(project_dir: Path = PROJECT_DIR) -> Path:
     return Path(os.environ.get("DALLE3_PARAMS", project_dir / "params.yaml"))
 
 
-def load_params(section: str, project_dir: Path = PROJECT_DIR) -> dict[str, Any]:
-    """One section of params.yaml; a missing file or section is an error naming it."""
+def read_params(project_dir: Path = PROJECT_DIR) -> tuple[Path, dict[str, Any]]:
+    """The params file and its sections; a missing file is an error naming it."""
     path = params_path(project_dir)
     if not path.is_file():
         raise FileNotFoundError(f"parameters file not found: {path}")
-    params = yaml.safe_load(path.read_text()) or {}
+    return path, yaml.safe_load(path.read_text()) or {}
+
+
+def load_params(section: str, project_dir: Path = PROJECT_DIR) -> dict[str, Any]:
+    """One section of params.yaml; a missing file or section is an error naming it."""
+    path, params = read_params(project_dir)
     if section not in params:
         raise KeyError(f"{path} has no section '{section}'")
     return params[section]
@@ -46,16 +51,14 @@ def load_params(section: str, project_dir: Path = PROJECT_DIR) -> dict[str, Any]
 def validate_params(sections: dict[str, type], project_dir: Path = PROJECT_DIR) -> None:
     """Check every section of the params file before any work: a misspelt section or field,
     a value of the wrong type or out of range is an error naming its path."""
-    path = params_path(project_dir)
-    if not path.is_file():
-        raise FileNotFoundError(f"parameters file not found: {path}")
-    params = yaml.safe_load(path.read_text()) or {}
+    path, params = read_params(project_dir)
     unknown = sorted(set(params) - set(sections))
     if unknown:
         raise ValueError(f"{path}: unknown section(s) {unknown}; known: {sorted(sections)}")
+    missing = sorted(set(sections) - set(params))
+    if missing:
+        raise KeyError(f"{path} has no section(s) {missing}")
     for section, cls in sections.items():
-        if section not in params:
-            raise KeyError(f"{path} has no section '{section}'")
         try:
             build_config(cls, params[section], section)
         except ValueError as err:

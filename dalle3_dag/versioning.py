@@ -1,6 +1,6 @@
 """The bookkeeping every asset shares around its `ml` call: MLflow run, audit, DVC, S3 mirror.
 
-A new version of an asset is written to a staging folder with its effective `config.json`,
+A new version of an asset is written to a staging folder with its effective config,
 audited by the asset's checks there, and only then made live, DVC-committed and mirrored
 (write-audit-publish): a blocking check that fails leaves the previous version live.
 """
@@ -25,6 +25,7 @@ from dalle3_dag.resources import (
     pid_alive,
     run_owner_pid,
 )
+from ml.data.shards import write_atomic
 
 METRICS_FILE = "metrics.json"
 # Not config.json: transformers and diffusers own that name inside model folders.
@@ -76,10 +77,10 @@ class Staged:
     checks: list[dg.AssetCheckResult] = field(default_factory=list)
 
 
-def write_config(folder: Path, cfg: Any) -> None:
-    """The effective, fully resolved config travels with the folder it made."""
+def write_config(path: Path, cfg: Any) -> None:
+    """The effective, fully resolved config travels with what it made, written atomically."""
     values = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg
-    (folder / CONFIG_FILE).write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+    write_atomic(path, (json.dumps(values, indent=2, sort_keys=True) + "\n").encode())
 
 
 @contextmanager
@@ -110,7 +111,7 @@ def staged(
     try:
         with storage.writing(key, audit) as folder:
             stage.path = folder
-            write_config(folder, cfg)
+            write_config(folder / CONFIG_FILE, cfg)
             yield stage
     except Rejected as err:
         for result in stage.checks:
