@@ -18,7 +18,7 @@ from ml.captioner.features import clip_features
 from ml.captioner.generate import generate_captions
 from ml.captioner.model import Captioner, CaptionerConfig
 from ml.captioner.stages import fit_to_clip
-from ml.captioner.tokenizer import train_tokenizer
+from ml.tokenizer import train_tokenizer
 from ml.captioner.train import train_captioner
 from ml.clip import ClipConfig, build_toy_clip, load_clip, toy_transforms
 from ml.data.shapeworld import ShapeWorldConfig, generate

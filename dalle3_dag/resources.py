@@ -20,7 +20,7 @@ import mlflow
 import yaml
 
 from dalle3_dag.project import DVC_REPRO_ENV, PROJECT_DIR
-from ml.data.shards import write_atomic
+from ml.files import split_s3, write_atomic
 
 REJECTED = ".rejected"
 
@@ -85,7 +85,7 @@ class StorageResource(dg.ConfigurableResource):
         """Mirror an asset folder to `s3_uri/<key>/`; returns the S3 prefix, or None if local."""
         if not self.s3_uri:
             return None
-        bucket, _, prefix = self.s3_uri.removeprefix("s3://").partition("/")
+        bucket, prefix = split_s3(self.s3_uri)
         dest = f"{prefix.strip('/')}/{key}".lstrip("/")
         client = self.s3_client()
         src = self.asset_dir(key)

@@ -1,14 +1,13 @@
 """The bookkeeping every asset shares around its `ml` call: MLflow run, audit, DVC, S3 mirror.
 
-A new version of an asset is written to a staging folder with its effective config,
-audited by the asset's checks there, and only then made live, DVC-committed and mirrored
-(write-audit-publish): a blocking check that fails leaves the previous version live.
+A new version of an asset is written to a staging folder (with its effective config, see
+`ml.stage.run_stage`), audited by the asset's checks there, and only then made live,
+DVC-committed and mirrored (write-audit-publish): a blocking check that fails leaves the
+previous version live.
 """
 
-import dataclasses
-import json
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +24,7 @@ from dalle3_dag.resources import (
     pid_alive,
     run_owner_pid,
 )
-from ml.data.shards import write_atomic
 
-METRICS_FILE = "metrics.json"
-# Not config.json: transformers and diffusers own that name inside model folders.
-CONFIG_FILE = "effective_config.json"
 PID_TAG, HOST_TAG = "dalle3/pid", "dalle3/host"
 
 
@@ -77,19 +72,12 @@ class Staged:
     checks: list[dg.AssetCheckResult] = field(default_factory=list)
 
 
-def write_config(path: Path, cfg: Any) -> None:
-    """The effective, fully resolved config travels with what it made, written atomically."""
-    values = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg
-    write_atomic(path, (json.dumps(values, indent=2, sort_keys=True) + "\n").encode())
-
-
 @contextmanager
 def staged(
     context: dg.AssetExecutionContext,
     key: str,
     storage: StorageResource,
-    cfg: Any,
-    checks: list[FolderCheck] = (),
+    checks: Sequence[FolderCheck] = (),
 ) -> Iterator[Staged]:
     """Write a new version of `key`: staged, audited by `checks`, made live only if they pass.
 
@@ -111,7 +99,6 @@ def staged(
     try:
         with storage.writing(key, audit) as folder:
             stage.path = folder
-            write_config(folder / CONFIG_FILE, cfg)
             yield stage
     except Rejected as err:
         for result in stage.checks:
@@ -193,16 +180,3 @@ def commit(
         metadata["s3_uri"] = mirror
     version = dg.DataVersion(data_hash) if data_hash else None
     return dg.MaterializeResult(metadata=metadata, data_version=version, check_results=checks)
-
-
-def write_metrics(folder: Path, metrics: dict[str, float]) -> None:
-    """Held-out metrics travel with the asset folder, where its checks read them."""
-    (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True))
-
-
-def read_metrics(folder: Path) -> dict[str, float]:
-    return json.loads((folder / METRICS_FILE).read_text())
-
-
-def log_step(step: int, metrics: dict[str, float]) -> None:
-    mlflow.log_metrics(metrics, step=step)

@@ -11,7 +11,7 @@ import json
 import math
 import os
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,8 @@ from safetensors.torch import save_file
 
 from ml.data.sample import Sample
 from ml.data.shapeworld import SHAPES, Scene, descriptive_caption, scene_of, visible_colors
-from ml.train import TrainConfig, train
+from ml.stage import NO_LOG, Log
+from ml.train import Shuffled, TrainConfig, train
 
 SOURCES = ("toy", "pretrained")
 CONFIG_FILE = "open_clip_config.json"
@@ -42,10 +43,10 @@ Tokenizer = Callable[[str | list[str]], torch.Tensor]
 
 
 def _toy_train() -> TrainConfig:
-    # About 12 minutes on one CPU thread (width 32, hard negatives). Measured on ShapeWorld's
-    # eval split (256 scenes), trained on the 2048-scene clip split: recall@1 0.988, colour
-    # preference 0.99, shape preference 0.84 (0.79 at 800 steps).
-    return TrainConfig(steps=1600, batch_size=128, lr=3e-3, warmup_steps=20, log_every=50)
+    # About 12 minutes on one CPU thread: docs/benchmarks.md.
+    return TrainConfig(
+        steps=1600, batch_size=128, lr=3e-3, warmup_steps=20, log_every=50, checkpoint_every=400
+    )
 
 
 @dataclass
@@ -54,22 +55,9 @@ class ClipConfig:
 
     The architecture fields mirror open_clip's `vision_cfg`/`text_cfg` keys, `vision_layers`
     included: four block counts build open_clip's ModifiedResNet (the RN50 family), one int a
-    vision transformer of that depth cut into `patch_size` patches.
-
-    The toy default is a small ResNet, because the captioner must read shapes from the
-    CLIP's feature map (see `ml.captioner.features`). Probed per grid cell on ShapeWorld (a
-    small conv net on the frozen features, 2000 steps), the 8x8 map after the first stage of a
-    width-16 ResNet names the shape of the object in a cell 70% of the time (chance 17%); the
-    last-block tokens of the ViT it replaced (patch 4, width 32, 3 layers) 38%, hardly more
-    than the same ViT untrained. A wider, deeper ViT or 2-pixel patches did not help either, at
-    3-5x the cost. Width is what the captioner gains from: an SSC fine-tune of 1500 steps
-    names the main object right 0.50 of the time on width 16 and 0.59 on width 32; four times
-    the CLIP's training scenes (0.49) or 64-pixel inputs (0.36) do not help. Shape-changed hard
-    negatives (`hard_negatives`) do: the width-32 CLIP prefers a scene's true caption over the
-    one with a shape changed 0.79 of the time instead of 0.70, and the SSC fine-tune names the
-    main object right 0.65 of the time instead of 0.59 (0.67 with 1600 CLIP steps).
-    Text keeps open_clip's BPE vocabulary so its tokenizer works offline; 64 tokens fit
-    ShapeWorld's longest descriptive captions (62 tokens).
+    vision transformer of that depth cut into `patch_size` patches. The toy default is a small
+    ResNet, because the captioner must read shapes from the CLIP's feature map; why, and what
+    width and hard negatives buy: docs/benchmarks.md, "Design measurements".
     """
 
     source: str = "toy"
@@ -167,7 +155,9 @@ def toy_transforms(cfg: ClipConfig) -> tuple[Preprocess, Tokenizer]:
 def train_toy_clip(
     samples: list[Sample],
     cfg: ClipConfig,
-    log: Callable[[int, dict[str, float]], None] = lambda step, metrics: None,
+    log: Log = NO_LOG,
+    work: Path | None = None,
+    resume: bool = True,
 ) -> open_clip.CLIP:
     """Train a toy CLIP with the CLIP loss on images and descriptive captions of their scenes.
 
@@ -178,7 +168,7 @@ def train_toy_clip(
     Captions are written afresh each step from the scene graph (a new template and object
     order), and the pair of true and altered captions shares one template, so the shape word
     is all that tells them apart. Images are preprocessed once up front: at 32 pixels that is
-    a few MB.
+    a few MB. `work` keeps checkpoints (see `ml.train.train`).
     """
     if cfg.source != "toy":
         raise ValueError(f"ClipConfig.source must be 'toy' to train, got {cfg.source!r}")
@@ -197,55 +187,58 @@ def train_toy_clip(
     images = torch.stack([preprocess(s.image) for s in samples])
     fixed = [reference_caption(s) for s in samples]
 
-    def loss_fn(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def loss_fn(
+        modules: list[torch.nn.Module],
+        batch: tuple[torch.Tensor, torch.Tensor],
+        generator: torch.Generator,
+    ) -> torch.Tensor:
         with torch.no_grad():
             model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-        pixels, token_ids = batch
-        image_features, text_features, logit_scale = model(pixels, token_ids)
+        device = model.logit_scale.device
+        pixels, token_ids = (t.to(device) for t in batch)
+        image_features, text_features, logit_scale = modules[0](pixels, token_ids)
         n = len(pixels)
         positives, negatives = text_features[:n], text_features[n:]
-        labels = torch.arange(n)
+        labels = torch.arange(n, device=device)
         image_logits = logit_scale * image_features @ torch.cat([positives, negatives]).T
         text_logits = logit_scale * positives @ image_features.T
         return (F.cross_entropy(image_logits, labels) + F.cross_entropy(text_logits, labels)) / 2
 
-    batches = clip_batches(images, scenes, fixed, tokenizer, cfg)
-    train(model, batches, loss_fn, cfg.train, log)
+    batches = Shuffled(
+        len(samples),
+        cfg.train.batch_size,
+        cfg.train.seed,
+        lambda index, gen: clip_batch(images, scenes, fixed, tokenizer, cfg, index, gen),
+    )
+    train([model], loss_fn, batches, cfg.train, log, work, resume)
     return model
 
 
-def clip_batches(
+def clip_batch(
     images: torch.Tensor,
     scenes: list[Scene | None],
     fixed: list[str],
     tokenizer: Tokenizer,
     cfg: ClipConfig,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless (images, token ids) batches from seeded shuffles, each without repeats.
-
-    Repeats would put a sample's own caption among its negatives. The token ids hold one
-    caption per image (written afresh from its scene, or its `fixed` caption where it has
-    none), then (with `hard_negatives`) one shape-altered caption per image.
-    """
-    generator = torch.Generator().manual_seed(cfg.train.seed)
-    rng = random.Random(cfg.train.seed)
-    n, size = len(images), cfg.train.batch_size
-    while True:
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n - size + 1, size):
-            index = order[start : start + size]
-            true_captions, false_captions = [], []
-            for i in index.tolist():
-                template = rng.random()
-                if scenes[i] is None:
-                    true_captions.append(fixed[i])
-                    continue
-                true_captions.append(descriptive_caption(scenes[i], random.Random(template)))
-                if cfg.hard_negatives:
-                    altered = change_one(scenes[i], rng, "shape")
-                    false_captions.append(descriptive_caption(altered, random.Random(template)))
-            token_ids = tokenizer(true_captions + false_captions)
-            yield _shift(images[index], cfg.max_shift, generator), token_ids
+    index: list[int],
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (images, token ids) of one batch. The token ids hold one caption per image (written
+    afresh from its scene, or its `fixed` caption where it has none), then (with
+    `hard_negatives`) one shape-altered caption per image."""
+    rng = random.Random(int(torch.randint(2**62, (1,), generator=generator)))
+    true_captions, false_captions = [], []
+    for i in index:
+        template = rng.random()
+        if scenes[i] is None:
+            true_captions.append(fixed[i])
+            continue
+        true_captions.append(descriptive_caption(scenes[i], random.Random(template)))
+        if cfg.hard_negatives:
+            altered = change_one(scenes[i], rng, "shape")
+            false_captions.append(descriptive_caption(altered, random.Random(template)))
+    token_ids = tokenizer(true_captions + false_captions)
+    return _shift(images[index], cfg.max_shift, generator), token_ids
 
 
 def _shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:

@@ -19,6 +19,23 @@ from ml.data.shapeworld import ShapeWorldConfig, generate
 from ml.data.shards import write_shards
 
 
+class RecordingLog:
+    """An `ml.stage.Log` that keeps what a stage reports."""
+
+    def __init__(self) -> None:
+        self.figures: list[tuple[int, int, dict[str, float]]] = []
+        self.images: list[tuple[str, int | None]] = []
+
+    def info(self, message: str) -> None:
+        pass
+
+    def metrics(self, step: int, total: int, values: dict[str, float]) -> None:
+        self.figures.append((step, total, values))
+
+    def image(self, name: str, image: Any, step: int | None = None) -> None:
+        self.images.append((name, step))
+
+
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[str]:
     """An in-process S3-compatible server (moto), so S3 code runs against real HTTP calls.
@@ -82,21 +99,23 @@ SMALL_PARAMS = {
         "attention_head_dim": 4,
         "norm_num_groups": 4,
         "num_train_timesteps": 100,
-        "steps": 4,
-        "batch_size": 4,
-        "warmup_steps": 1,
-        "log_every": 2,
-        "checkpoint_every": 2,
         "sample_every": 4,
+        "train": {
+            "steps": 4,
+            "batch_size": 4,
+            "warmup_steps": 1,
+            "ema_decay": 0.995,
+            "log_every": 2,
+            "checkpoint_every": 2,
+        },
+        "eval": {"prompts": 9, "sampling_steps": 3},
     },
     "distilled_model": {
-        "steps": 2,
-        "batch_size": 4,
         "num_ddim_timesteps": 10,
         "guidance_embedding_dim": 8,
-        "log_every": 1,
+        "train": {"steps": 2, "batch_size": 4, "log_every": 1},
+        "eval": {"prompts": 9, "sampling_steps": 2},
     },
-    "prompt_following": {"prompts": 9, "teacher_steps": 3, "student_steps": 2},
     # tiny models: the blocking floors are open, the tests that need them raise them
     "checks": {"clip_color_preference": 0.0, "clip_recall_over_chance": 0.0},
 }

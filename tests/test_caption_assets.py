@@ -13,12 +13,12 @@ import pytest
 import yaml
 from conftest import web_source, write_web_shards
 
-from dalle3_dag import blend, captions, diffusion, raw_pairs
+from dalle3_dag import captioner, data, text_to_image
 from dalle3_dag.partitions import SHARDS
-from ml.data.mixed import BlendedDataset, MixManifest
+from ml.data.mixed import MixedDataset, MixManifest
 from ml.data.shapeworld import ShapeWorldConfig, generate
 
-MODULES = [raw_pairs, captions, blend, diffusion]
+MODULES = [data, captioner, text_to_image]
 ASSETS = dg.load_assets_from_modules(MODULES)
 CHECKS = dg.load_asset_checks_from_modules(MODULES)
 UNPARTITIONED = ["raw_pairs", "clip_encoder", "captioner_base", "captioner_ssc", "captioner_dsc"]
@@ -128,7 +128,7 @@ def test_whole_graph_end_to_end(project, instance, tmp_path):
     # a rerun of a complete partition resumes from its sidecar instead of recaptioning
     rerun = materialize(project, instance, ["recaptioned_dataset"], "00000")
     (event,) = rerun.asset_materializations_for_node("recaptioned_dataset")
-    assert event.metadata["resumed_from_existing_sidecar"].value is True
+    assert event.metadata["reused_sidecars"].value == ["00000"]
 
     blend_result = materialize(project, instance, ["mixed_training_set"])
     assert blend_result.success
@@ -143,7 +143,7 @@ def test_whole_graph_end_to_end(project, instance, tmp_path):
     assert picked_synthetic > blend["original"].value + blend["fallback_synthetic"].value
     manifest = MixManifest.load(project.storage.asset_dir("mixed_training_set") / "manifest.json")
     assert manifest.synthetic_ratio == 0.95 and len(manifest.shards) == 2
-    seen = [row["key"] for row in BlendedDataset(manifest)]
+    seen = [row["key"] for row in MixedDataset(manifest)]
     assert len(seen) == len(set(seen)) == 64
 
     # text to image: the diffusion model learns from the blend, the student from the teacher

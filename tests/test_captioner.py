@@ -4,13 +4,14 @@ import random
 
 import pytest
 import torch
+from conftest import RecordingLog
 
 from ml.captioner.evaluate import evaluate_dsc, evaluate_ssc
 from ml.captioner.generate import generate_captions
 from ml.captioner.model import Captioner, CaptionerConfig
-from ml.captioner.tokenizer import train_tokenizer
 from ml.captioner.train import caption_loss, make_batch, train_captioner
 from ml.data.shapeworld import SHAPES, Scene, ShapeWorldConfig, descriptive_caption, sample_scene
+from ml.tokenizer import train_tokenizer
 from ml.train import TrainConfig
 
 CAPTIONS = [
@@ -41,7 +42,9 @@ def memorised() -> tuple[Captioner, torch.Tensor, list[float]]:
     model = tiny_captioner()
     feats = features(len(CAPTIONS))
     cfg = TrainConfig(steps=120, batch_size=6, lr=1e-2, warmup_steps=10, log_every=20)
-    return model, feats, train_captioner(model, feats, CAPTIONS, cfg)
+    log = RecordingLog()
+    train_captioner(model, feats, CAPTIONS, cfg, log)
+    return model, feats, [values["loss"] for *_, values in log.figures]
 
 
 def test_tokenizer_round_trips_text_with_case_and_unseen_characters() -> None:

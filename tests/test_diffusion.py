@@ -2,11 +2,6 @@
 and latent space, and exact resumption after a SIGKILL."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -14,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import RecordingLog
 from diffusers import AutoencoderKL
 from PIL import Image
-from safetensors.torch import load_file
 
-from ml.data.mixed import BlendedDataset, MixManifest
+from ml.config import load_config, to_dict
+from ml.data.mixed import MixedDataset, MixManifest
 from ml.data.recaption import recaption_shard
 from ml.data.shapeworld import ShapeWorldConfig, generate
 from ml.data.shards import write_shards
@@ -36,7 +32,10 @@ from ml.diffusion.pipeline import (
     encode_prompts,
     predict_noise,
 )
-from ml.diffusion.train import caption_corpus, checkpoint_steps, train_diffusion
+from ml.diffusion.training import caption_corpus
+from ml.stage import Inputs, run_stage
+from ml.stages import diffusion_model
+from ml.train import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = DiffusionConfig(
@@ -52,12 +51,10 @@ TINY = DiffusionConfig(
     attention_head_dim=4,
     norm_num_groups=4,
     num_train_timesteps=100,
-    steps=6,
-    batch_size=4,
-    warmup_steps=2,
-    log_every=1,
-    checkpoint_every=2,
     sample_every=0,
+    train=TrainConfig(
+        steps=6, batch_size=4, warmup_steps=2, ema_decay=0.995, log_every=1, checkpoint_every=2
+    ),
 )
 PROMPTS = ["a red circle in the top left corner", "a large blue square on the right"]
 # What the toy BPE tokenizer learns its vocabulary from when a test builds a model directly.
@@ -162,15 +159,15 @@ def test_missing_pretrained_paths_are_named(tmp_path: Path) -> None:
 
 
 def test_config_round_trips_and_validates(tmp_path: Path) -> None:
-    TINY.save(tmp_path / "config.json")
-    assert DiffusionConfig.load(tmp_path / "config.json") == TINY
-    (tmp_path / "bad.json").write_text(json.dumps({"stepz": 3}))
-    with pytest.raises(ValueError, match="stepz"):
-        DiffusionConfig.load(tmp_path / "bad.json")
+    (tmp_path / "config.json").write_text(json.dumps(to_dict(TINY)))
+    assert load_config(DiffusionConfig, tmp_path / "config.json") == TINY
+    (tmp_path / "bad.json").write_text(json.dumps({"train": {"stepz": 3}}))
+    with pytest.raises(ValueError, match=r"train: unknown field\(s\) \['stepz'\]"):
+        load_config(DiffusionConfig, tmp_path / "bad.json")
     with pytest.raises(ValueError, match="norm_num_groups"):
         replace(TINY, block_out_channels=(6, 16))
     with pytest.raises(ValueError, match="mixed_precision"):
-        replace(TINY, mixed_precision="fp8")
+        replace(TINY.train, mixed_precision="fp8")
     with pytest.raises(ValueError, match="cross_attention_levels"):
         replace(TINY, cross_attention_levels=3)
 
@@ -202,83 +199,31 @@ def tiny_vae(directory: Path) -> str:
 
 @pytest.mark.parametrize("space", ["pixel", "latent"])
 def test_training_steps_change_the_weights(space: str, manifest: Path, tmp_path: Path) -> None:
-    cfg = replace(TINY, steps=2, sample_every=2)
+    cfg = replace(TINY, sample_every=2, train=replace(TINY.train, steps=2))
     if space == "latent":
         cfg = replace(cfg, vae_path=tiny_vae(tmp_path / "vae"))
-    records: list[tuple[int, dict]] = []
-    stats = train_diffusion(
-        cfg, manifest, tmp_path / "run", lambda s, r: records.append((s, r)), None, PROMPTS
-    )
-    assert stats["finished"] and stats["steps"] == 2 and stats["images_per_s"] > 0
-    trained = TextToImagePipeline.from_pretrained(stats["pipeline"])
+    cfg.eval = replace(cfg.eval, prompts=9, sampling_steps=2)
+    log = RecordingLog()
+    inputs = Inputs({"mixed_training_set": manifest.parent}, work=tmp_path / "work")
+    result = run_stage(diffusion_model.STAGE, cfg, inputs, tmp_path / "out", log)
+    assert result.metadata["steps"] == 2 and result.metrics["train_images_per_s"] > 0
+    assert {"color_accuracy", "position_accuracy", "short_color_accuracy"} <= result.metrics.keys()
+    trained = TextToImagePipeline.from_pretrained(tmp_path / "out")
     channels, size = (4, 8) if space == "latent" else (3, 16)
     assert (trained.unet.config.in_channels, trained.unet.config.sample_size) == (channels, size)
     assert (trained.vae is None) == (space == "pixel")
-    corpus = caption_corpus(BlendedDataset(MixManifest.load(manifest)))
+    corpus = caption_corpus(MixedDataset(MixManifest.load(manifest)))
     before, after = weights(build_pipeline(cfg, corpus)), weights(trained)
     assert all(not torch.equal(before[k], after[k]) for k in before if k.startswith("unet."))
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("text_"))
 
-    metrics = [r for _, r in records if "loss" in r]
-    assert [s for s, r in records if "loss" in r] == [1, 2]
-    assert all(np.isfinite(r["loss"]) and r["lr"] > 0 and r["images_per_s"] > 0 for r in metrics)
-    grids = [r["samples"] for s, r in records if "samples" in r]
-    assert len(grids) == 1 and isinstance(grids[0], Image.Image)
+    assert [(step, total) for step, total, _ in log.figures] == [(1, 2), (2, 2)]
+    assert all(
+        np.isfinite(v["loss"]) and v["lr"] > 0 and v["samples_per_s"] > 0 for *_, v in log.figures
+    )
+    assert log.images == [("samples", 2)]
     images = trained(PROMPTS, num_inference_steps=2, seed=0)
     assert [im.size for im in images] == [(16, 16)] * 2
-
-
-def final_weights(out: Path) -> dict[str, torch.Tensor]:
-    """The saved EMA pipeline and the raw training weights of the last checkpoint."""
-    last = out / "checkpoints" / f"step-{checkpoint_steps(out)[-1]}"
-    raw = {
-        f"raw.{file.stem}.{k}": v
-        for file in last.glob("model*.safetensors")
-        for k, v in load_file(file).items()
-    }
-    return weights(TextToImagePipeline.from_pretrained(out / "pipeline")) | raw
-
-
-def test_resume_after_a_partial_run_equals_an_uninterrupted_run(
-    manifest: Path, tmp_path: Path
-) -> None:
-    cfg = replace(TINY, steps=7, checkpoint_every=3)  # 20 samples / batch 4: epochs end at 5, 10
-    train_diffusion(cfg, manifest, tmp_path / "whole", resume=None)
-    partial = train_diffusion(cfg, manifest, tmp_path / "cut", max_steps_this_run=4)
-    assert not partial["finished"] and checkpoint_steps(tmp_path / "cut") == [3, 4]
-    resumed = train_diffusion(cfg, manifest, tmp_path / "cut")
-    assert resumed["resumed_from"] == 4 and resumed["finished"]
-    assert_equal_weights(final_weights(tmp_path / "whole"), final_weights(tmp_path / "cut"))
-    with pytest.raises(ValueError, match="lr"):
-        train_diffusion(replace(cfg, lr=1e-4), manifest, tmp_path / "cut")
-
-
-def test_sigkill_then_resume_equals_an_uninterrupted_run(manifest: Path, tmp_path: Path) -> None:
-    """A real kill, at whatever point the process has reached after its first checkpoint."""
-    cfg = replace(TINY, steps=12, checkpoint_every=3)
-    cfg.save(tmp_path / "config.json")
-    command = [
-        sys.executable, "-m", "ml.diffusion.train", "--manifest", str(manifest),
-        "--out", str(tmp_path / "cut"), "--config", str(tmp_path / "config.json"),
-    ]  # fmt: skip
-    # The same thread count as this process, so both runs do the same floating-point sums.
-    env = os.environ | {"OMP_NUM_THREADS": str(torch.get_num_threads())}
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while not checkpoint_steps(tmp_path / "cut") and time.monotonic() < deadline:
-            time.sleep(0.005)
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.wait()
-    assert process.returncode == -signal.SIGKILL
-    assert not (tmp_path / "cut" / "pipeline").exists(), "finished before the kill"
-    killed_at = checkpoint_steps(tmp_path / "cut")[-1]
-
-    resumed = train_diffusion(cfg, manifest, tmp_path / "cut")
-    assert resumed["resumed_from"] == killed_at and resumed["finished"]
-    train_diffusion(cfg, manifest, tmp_path / "whole", resume=None)
-    assert_equal_weights(final_weights(tmp_path / "whole"), final_weights(tmp_path / "cut"))
 
 
 # --- consistency distillation -----------------------------------------------------------------
@@ -323,13 +268,14 @@ def test_distilled_model_samples_in_two_steps_from_the_same_layout(
     manifest: Path, tmp_path: Path
 ) -> None:
     teacher = build_pipeline(TINY, CORPUS)
-    records: list[tuple[int, dict]] = []
-    cfg = DistillConfig(steps=3, batch_size=4, guidance_embedding_dim=8, log_every=1)
-    stats = distill(
-        teacher, cfg, manifest, tmp_path / "student", lambda s, r: records.append((s, r))
+    log = RecordingLog()
+    cfg = DistillConfig(
+        guidance_embedding_dim=8, train=TrainConfig(steps=3, batch_size=4, log_every=1)
     )
-    assert stats["steps"] == 3 and [s for s, _ in records] == [1, 2, 3]
-    assert all(np.isfinite(r["loss"]) and r["loss"] >= 0 for _, r in records)
+    student, result = distill(teacher, cfg, MixedDataset(MixManifest.load(manifest)), log)
+    assert result.steps == 3 and [step for step, *_ in log.figures] == [1, 2, 3]
+    assert all(np.isfinite(v["loss"]) and v["loss"] >= 0 for *_, v in log.figures)
+    student.save_pretrained(tmp_path / "student")
 
     student = TextToImagePipeline.from_pretrained(tmp_path / "student")
     student.set_progress_bar_config(disable=True)

@@ -12,10 +12,10 @@ from torch.utils.data import DataLoader
 
 from ml.data.mixed import (
     SOURCES,
-    BlendedDataset,
+    MixedDataset,
     MixManifest,
-    blend_stats,
     choose_caption,
+    mix_stats,
 )
 from ml.data.recaption import recaption_shard
 from ml.data.shapeworld import ShapeWorldConfig, generate
@@ -148,14 +148,14 @@ def test_manifest_load_names_missing_and_unknown_fields(tmp_path: Path) -> None:
         MixManifest.load(path)
 
 
-# --- BlendedDataset ---------------------------------------------------------------------------
+# --- MixedDataset ---------------------------------------------------------------------------
 
 
 def epoch_items(manifest: MixManifest, epoch: int, world_size: int, workers: int) -> list[dict]:
     """Everything every rank's DataLoader yields in one epoch."""
     items = []
     for rank in range(world_size):
-        dataset = BlendedDataset(manifest, transform=keys_only, rank=rank, world_size=world_size)
+        dataset = MixedDataset(manifest, transform=keys_only, rank=rank, world_size=world_size)
         dataset.set_epoch(epoch)
         items += DataLoader(dataset, batch_size=None, num_workers=workers)
     return items
@@ -181,7 +181,7 @@ def test_fewer_shards_than_slots_still_keeps_every_slot_busy(
         for worker in range(2):
             info = SimpleNamespace(num_workers=2, id=worker)
             monkeypatch.setattr("ml.data.mixed.get_worker_info", lambda info=info: info)
-            dataset = BlendedDataset(few_shards, transform=keys_only, rank=rank, world_size=2)
+            dataset = MixedDataset(few_shards, transform=keys_only, rank=rank, world_size=2)
             per_slot.append([item["key"] for item in dataset])
     sizes = [len(keys) for keys in per_slot]
     assert sum(sizes) == len({key for keys in per_slot for key in keys}) == N
@@ -189,13 +189,13 @@ def test_fewer_shards_than_slots_still_keeps_every_slot_busy(
     assert min(sizes) > 0
 
 
-def test_dataset_captions_match_the_sampler_and_blend_stats(many_shards: MixManifest) -> None:
+def test_dataset_captions_match_the_sampler_and_mix_stats(many_shards: MixManifest) -> None:
     items = epoch_items(many_shards, 1, world_size=2, workers=2)
-    single = list(BlendedDataset(many_shards, transform=keys_only))  # epoch 0, one process
+    single = list(MixedDataset(many_shards, transform=keys_only))  # epoch 0, one process
     assert {i["key"] for i in single} == {i["key"] for i in items}
 
     counts = Counter(item["caption_source"] for item in items)
-    stats = blend_stats(many_shards, epoch=1)
+    stats = mix_stats(many_shards, epoch=1)
     assert stats["samples"] == N and {s: stats[s] for s in SOURCES} == {
         s: counts[s] for s in SOURCES
     }
@@ -209,7 +209,7 @@ def test_epochs_give_different_reproducible_picks_and_shard_orders(
     many_shards: MixManifest,
 ) -> None:
     def run(epoch: int) -> list[tuple[str, str]]:
-        dataset = BlendedDataset(many_shards, transform=keys_only)
+        dataset = MixedDataset(many_shards, transform=keys_only)
         dataset.set_epoch(epoch)
         return [(item["key"], item["caption_source"]) for item in dataset]
 
@@ -220,18 +220,18 @@ def test_epochs_give_different_reproducible_picks_and_shard_orders(
 
 
 def test_counts_of_one_process_and_the_alt_baseline(few_shards: MixManifest) -> None:
-    dataset = BlendedDataset(few_shards, transform=keys_only)
+    dataset = MixedDataset(few_shards, transform=keys_only)
     assert sum(1 for _ in dataset) == N
     assert dataset.caption_counts == Counter(
-        {s: n for s, n in blend_stats(few_shards, 0).items() if s in SOURCES and n}
+        {s: n for s, n in mix_stats(few_shards, 0).items() if s in SOURCES and n}
     )
     baseline = MixManifest(few_shards.shards, few_shards.sidecars, "alt", 0.0, few_shards.seed)
-    assert {item["caption_source"] for item in BlendedDataset(baseline)} <= {"original", "empty"}
-    assert blend_stats(baseline, 0)["synthetic_frac"] == 0.0
+    assert {item["caption_source"] for item in MixedDataset(baseline)} <= {"original", "empty"}
+    assert mix_stats(baseline, 0)["synthetic_frac"] == 0.0
 
 
 def test_rank_arguments_are_checked(few_shards: MixManifest) -> None:
     with pytest.raises(ValueError, match="rank"):
-        BlendedDataset(few_shards, rank=2, world_size=2)
+        MixedDataset(few_shards, rank=2, world_size=2)
     with pytest.raises(ValueError, match="both"):
-        BlendedDataset(few_shards, rank=0)
+        MixedDataset(few_shards, rank=0)

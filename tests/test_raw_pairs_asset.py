@@ -16,11 +16,11 @@ from conftest import web_source, write_web_shards
 from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
 from dagster._core.loader import LoadingContextForTest
 
-from dalle3_dag.raw_pairs import observe_sources, raw_pairs, raw_pairs_source
+from dalle3_dag.data import observe_sources, raw_pairs, raw_pairs_source
 from dalle3_dag.resources import StorageResource, remove_orphans
-from dalle3_dag.versioning import CONFIG_FILE as CONFIG
 from ml.data.raw_pairs import load_split, split_of
 from ml.data.shards import list_shards, read_shards
+from ml.stage import CONFIG_FILE as CONFIG
 
 
 def materialize(project, run_config=None, instance=None) -> dg.ExecuteInProcessResult:

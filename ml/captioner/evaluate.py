@@ -2,7 +2,8 @@
 
 from collections.abc import Sequence
 
-from ml.data.shapeworld import Scene, parse_caption, score_caption
+from ml.data.sample import Sample
+from ml.data.shapeworld import Scene, parse_caption, scene_of, score_caption
 
 
 def evaluate_dsc(captions: Sequence[str], scenes: Sequence[Scene]) -> dict[str, float]:
@@ -31,3 +32,23 @@ def evaluate_ssc(captions: Sequence[str], scenes: Sequence[Scene]) -> dict[str, 
     """The fraction of short captions that get the main subject right."""
     hits = [main_object_correct(c, s) for c, s in zip(captions, scenes, strict=True)]
     return {"main_object_accuracy": sum(hits) / len(hits)}
+
+
+def evaluate_captions(captions: Sequence[str], samples: Sequence[Sample]) -> dict[str, float]:
+    """Captions against ShapeWorld's scene graphs: DSC attribute recall/precision and SSC
+    main-object accuracy (each stage is scored on both, so the fine-tunes' effect shows).
+
+    Data without scene graphs (a webdataset source) has no ground truth to score against:
+    only the caption length is reported.
+    """
+    metrics = {"mean_words": sum(len(c.split()) for c in captions) / max(1, len(captions))}
+    scenes = [scene_of(s) for s in samples]
+    if None in scenes:
+        return metrics
+    dsc = evaluate_dsc(captions, scenes)
+    return {
+        "attribute_recall": dsc["recall"],
+        "attribute_precision": dsc["precision"],
+        **evaluate_ssc(captions, scenes),
+        **metrics,
+    }

@@ -5,16 +5,22 @@ one-at-a-time greedy decoding compute the same thing. Rows that finish early are
 eos, which decoding drops, until the longest caption ends.
 """
 
-import torch
+from collections.abc import Sequence
+from pathlib import Path
 
+import torch
+from PIL import Image
+
+from ml.captioner.features import clip_features
 from ml.captioner.model import Captioner
+from ml.clip import load_clip
 
 
 @torch.no_grad()
 def generate_captions(
-    model: Captioner, features: torch.Tensor, max_new_tokens: int = 80, num_beams: int = 1
+    model: Captioner, features: torch.Tensor, max_new_tokens: int = 80
 ) -> list[str]:
-    """One caption per row of `features`; greedy (deterministic) when `num_beams` is 1."""
+    """One greedy (deterministic) caption per row of `features`."""
     model.eval()
     tok = model.tokenizer
     prefix = model.prefix(features)
@@ -24,7 +30,7 @@ def generate_captions(
         inputs_embeds=embeds,
         attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),  # nothing is padded
         max_new_tokens=max_new_tokens,
-        num_beams=num_beams,
+        num_beams=1,
         do_sample=False,
         use_cache=True,
         bos_token_id=tok.bos_token_id,
@@ -34,3 +40,17 @@ def generate_captions(
         pad_token_id=tok.eos_token_id,
     )
     return [text.strip() for text in tok.batch_decode(output, skip_special_tokens=True)]
+
+
+class ImageCaptioner:
+    """Images in, captions out: the frozen CLIP's features, then batched greedy decoding."""
+
+    def __init__(self, clip_dir: Path, captioner_dir: Path, max_new_tokens: int = 80) -> None:
+        self.clip, self.preprocess, _ = load_clip(clip_dir)
+        self.model = Captioner.from_pretrained(captioner_dir)
+        self.max_new_tokens = max_new_tokens
+
+    def __call__(self, images: Sequence[Image.Image]) -> list[str]:
+        patch_tokens = self.model.config.token_grid > 0
+        features = clip_features(self.clip, self.preprocess, images, patch_tokens)
+        return generate_captions(self.model, features, self.max_new_tokens)

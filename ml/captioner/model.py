@@ -6,14 +6,8 @@ tokens from inside the CLIP's image tower. F(i) goes through an MLP to `prefix_l
 embeddings, as in ClipCap; the tokens are merged by a strided convolution into a coarser grid
 of more prefix embeddings, so the LM can attend to each part of the image.
 
-Why the tokens: a toy CLIP's F(i) holds little beyond colours. Probed linearly on ShapeWorld,
-it gives the main object's colour 74% of the time, its shape 26% (chance 17%) and its position
-at chance, so no captioner on F(i) alone can describe a scene. What limits the captioner is
-how much shape the tokens carry, which is why the toy CLIP is a ResNet (see
-`ml.clip.ClipConfig`): with its 8x8 first-stage map, DSC shape recall went from 0.34 (the
-ViT's patch tokens) to 0.60, and colour from 0.74 to 0.93. A deeper token reader (two more
-convolutions at full grid, plain or residual) trained worse, and reading the second stage too
-did not help: width in the CLIP did.
+Why the tokens (a toy CLIP's F(i) holds little beyond colours): docs/benchmarks.md,
+"Design measurements".
 """
 
 import json
@@ -40,7 +34,6 @@ class CaptionerConfig:
     n_embd: int = 128
     n_head: int = 4
     max_caption_tokens: int = 80  # bos + caption + eos
-    dropout: float = 0.0
 
     @property
     def patch_tokens(self) -> int:
@@ -94,9 +87,9 @@ class Captioner(nn.Module):
             n_embd=config.n_embd,
             n_layer=config.n_layer,
             n_head=config.n_head,
-            resid_pdrop=config.dropout,
-            embd_pdrop=config.dropout,
-            attn_pdrop=config.dropout,
+            resid_pdrop=0.0,  # no dropout: the toy captioners underfit rather than overfit
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,

@@ -5,14 +5,16 @@ two fine-tunes (short and descriptive captions), which differ only in their capt
 starting weights and the step budget.
 """
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
 from ml.captioner.model import Captioner
-from ml.train import TrainConfig, train
+from ml.stage import NO_LOG, Log
+from ml.train import Shuffled, TrainConfig, TrainResult, train
 
 IGNORE = -100  # cross_entropy's ignore_index
 
@@ -48,27 +50,20 @@ def make_batch(model: Captioner, features: torch.Tensor, captions: Sequence[str]
     return CaptionBatch(features, input_ids, attention_mask, labels)
 
 
-def caption_loss(model: Captioner, batch: CaptionBatch) -> torch.Tensor:
+def caption_loss(
+    model: Captioner, batch: CaptionBatch, forward: torch.nn.Module | None = None
+) -> torch.Tensor:
     """Mean token cross-entropy over caption tokens (and eos) only.
 
     The logits are computed at caption positions alone and compared with the labels from
     the caption onwards, so whatever sits at the prefix positions can never enter the loss.
+    `forward` is the model as the training loop wrapped it (DDP), if it did.
     """
-    logits = model(batch.features, batch.input_ids, batch.attention_mask)
-    targets = batch.labels[:, model.config.condition_length + 1 :]
+    device = next(model.parameters()).device
+    inputs = (batch.features.to(device), batch.input_ids.to(device))
+    logits = (forward or model)(*inputs, batch.attention_mask.to(device))
+    targets = batch.labels[:, model.config.condition_length + 1 :].to(device)
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
-
-
-def _batches(
-    model: Captioner, features: torch.Tensor, captions: list[str], batch_size: int, seed: int
-) -> Iterator[CaptionBatch]:
-    """Endless shuffled epochs, reshuffled with a seeded generator each time."""
-    generator = torch.Generator().manual_seed(seed)
-    while True:
-        order = torch.randperm(len(captions), generator=generator).tolist()
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            chosen = order[start : start + batch_size]
-            yield make_batch(model, features[chosen], [captions[i] for i in chosen])
 
 
 def train_captioner(
@@ -76,9 +71,11 @@ def train_captioner(
     features: torch.Tensor,
     captions: Sequence[str],
     cfg: TrainConfig,
-    log: Callable[[int, dict[str, float]], None] = lambda step, metrics: None,
-) -> list[float]:
-    """Teacher-forced training on the pairs whose caption is not empty; returns logged losses.
+    log: Log = NO_LOG,
+    work: Path | None = None,
+    resume: bool = True,
+) -> TrainResult:
+    """Teacher-forced training on the pairs whose caption is not empty (see `ml.train.train`).
 
     Empty alt-texts carry nothing to learn, and would only teach the model to stop at once.
     """
@@ -87,6 +84,17 @@ def train_captioner(
         raise ValueError(
             f"{len(kept)} non-empty captions, fewer than one batch of {cfg.batch_size}"
         )
-    torch.manual_seed(cfg.seed)
-    batches = _batches(model, features[kept], [captions[i] for i in kept], cfg.batch_size, cfg.seed)
-    return train(model, batches, lambda batch: caption_loss(model, batch), cfg, log)
+    features, captions = features[kept], [captions[i] for i in kept]
+    batches = Shuffled(
+        len(kept),
+        cfg.batch_size,
+        cfg.seed,
+        lambda index, generator: make_batch(model, features[index], [captions[i] for i in index]),
+    )
+
+    def loss_fn(
+        modules: list[torch.nn.Module], batch: CaptionBatch, _: torch.Generator
+    ) -> torch.Tensor:
+        return caption_loss(model, batch, modules[0])
+
+    return train([model], loss_fn, batches, cfg, log, work, resume)

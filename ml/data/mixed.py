@@ -32,7 +32,7 @@ CAPTION_TYPES = ("alt", "ssc", "dsc")  # "alt" is the baseline: original caption
 SOURCES = ("synthetic", "original", "fallback_original", "fallback_synthetic", "empty")
 
 
-def check_blend(blend: "MixManifest | BlendConfig") -> None:
+def check_mix(blend: "MixManifest | MixConfig") -> None:
     """The blend settings both the stage's config and its manifest must satisfy."""
     if blend.caption_type not in CAPTION_TYPES:
         raise ValueError(f"caption_type must be one of {CAPTION_TYPES}, got {blend.caption_type!r}")
@@ -74,7 +74,7 @@ class MixManifest:
                 f"sidecars must be parallel to shards: {len(self.sidecars)} sidecars "
                 f"for {len(self.shards)} shards"
             )
-        check_blend(self)
+        check_mix(self)
 
     def save(self, path: Path) -> None:
         """Writes the manifest as JSON, atomically."""
@@ -131,7 +131,7 @@ def choose_caption(
     return (synthetic, "fallback_synthetic") if synthetic is not None else ("", "empty")
 
 
-class BlendedDataset(IterableDataset):
+class MixedDataset(IterableDataset):
     """Streams (image, blended caption) examples from a manifest, each exactly once per epoch.
 
     The epoch is split over `world_size` ranks x DataLoader workers ("slots"):
@@ -148,7 +148,7 @@ class BlendedDataset(IterableDataset):
     dataset when the iterator starts, so with `persistent_workers=True` the epoch would not
     reach them. `caption_counts` counts `caption_source` values of the current iteration in
     this process only: each worker keeps its own copy, so the caller must sum per-worker
-    counts, most simply by counting `batch["caption_source"]`; `blend_stats` gives a whole
+    counts, most simply by counting `batch["caption_source"]`; `mix_stats` gives a whole
     epoch's counts in one process.
     """
 
@@ -158,7 +158,6 @@ class BlendedDataset(IterableDataset):
         transform: Callable[[Image.Image], Any] | None = None,
         rank: int | None = None,
         world_size: int | None = None,
-        s3: Any = None,
     ) -> None:
         super().__init__()
         if (rank is None) != (world_size is None):
@@ -174,7 +173,6 @@ class BlendedDataset(IterableDataset):
         self.transform = transform
         self.rank = rank
         self.world_size = world_size
-        self.s3 = s3
         self.epoch = 0
         self.caption_counts: Counter[str] = Counter()
 
@@ -205,7 +203,7 @@ class BlendedDataset(IterableDataset):
             if split_shards and j % slots != slot:
                 continue
             captions = read_sidecar(Path(self.manifest.sidecars[index]))
-            samples = read_shard(self.manifest.shards[index], ReadStats(), self.s3)
+            samples = read_shard(self.manifest.shards[index], ReadStats())
             for i, sample in enumerate(samples):
                 if split_shards or (i + j) % slots == slot:
                     # A key missing from the sidecar (a stale one) falls back to its alt-text.
@@ -228,11 +226,11 @@ def shard_order(manifest: MixManifest, epoch: int) -> list[int]:
     return order
 
 
-def blend_stats(manifest: MixManifest, epoch: int) -> dict[str, Any]:
+def mix_stats(manifest: MixManifest, epoch: int) -> dict[str, Any]:
     """How one epoch blends, for the asset's metadata: a count per caption source.
 
     Computed from the sidecars alone (no image is read): they hold every sample the shard
-    reader delivered, with its alt-text, so the counts equal what `BlendedDataset` yields.
+    reader delivered, with its alt-text, so the counts equal what `MixedDataset` yields.
     """
     counts = Counter({source: 0 for source in SOURCES})
     for sidecar in manifest.sidecars:
@@ -250,7 +248,7 @@ def blend_stats(manifest: MixManifest, epoch: int) -> dict[str, Any]:
 
 
 @dataclass
-class BlendConfig:
+class MixConfig:
     """The `mixed_training_set` stage's parameters (the paper's blend: 95% DSC)."""
 
     caption_type: str = "dsc"
@@ -258,4 +256,4 @@ class BlendConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        check_blend(self)
+        check_mix(self)

@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -52,8 +51,6 @@ class RecaptionResult:
     samples_per_s: float
     skipped: ReadStats
     skipped_existing: bool
-    # Per column (alt_text and each captioner): caption length in words, one entry per row.
-    caption_words: dict[str, list[int]] = field(default_factory=dict)
     caption_stats: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
@@ -63,7 +60,6 @@ def recaption_shard(
     captioners: dict[str, Captioner],
     version: str,
     batch_size: int,
-    s3: Any = None,
 ) -> RecaptionResult:
     """Caption every image of one shard with every captioner and write the sidecar `out_path`.
 
@@ -76,7 +72,7 @@ def recaption_shard(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     out_path = Path(out_path)
     start = time.perf_counter()
-    existing = _complete_sidecar(out_path, shard_uri, list(captioners), version, s3)
+    existing = _complete_sidecar(out_path, shard_uri, list(captioners), version)
     if existing is not None:
         table, stats = existing
         kept = {name: table.column(name).to_pylist() for name in (ALT_TEXT, *captioners)}
@@ -85,7 +81,7 @@ def recaption_shard(
     stats = ReadStats()
     columns: dict[str, list[str]] = {KEY: [], ALT_TEXT: [], **{name: [] for name in captioners}}
     batch: list[Image.Image] = []
-    for sample in read_shard(shard_uri, stats, s3):
+    for sample in read_shard(shard_uri, stats):
         columns[KEY].append(sample.key)
         columns[ALT_TEXT].append(sample.text)
         batch.append(sample.image)
@@ -136,7 +132,7 @@ def _caption_batch(
 
 
 def _complete_sidecar(
-    path: Path, shard_uri: str, names: list[str], version: str, s3: Any
+    path: Path, shard_uri: str, names: list[str], version: str
 ) -> tuple[pa.Table, ReadStats] | None:
     """The existing sidecar and its stored ReadStats if it can be kept as is, else None.
 
@@ -156,7 +152,7 @@ def _complete_sidecar(
         return None
     if set(table.column(VERSION).to_pylist()) - {version}:
         return None
-    keys = shard_keys(shard_uri, s3)
+    keys = shard_keys(shard_uri)
     sidecar_keys = table.column(KEY).to_pylist()
     skipped = stats.skipped_images + stats.skipped_captions
     if not set(sidecar_keys) <= set(keys) or len(keys) != len(sidecar_keys) + skipped:
@@ -182,7 +178,6 @@ def _result(
         samples_per_s=0.0 if skipped_existing else round(samples / max(seconds, 1e-9), 2),
         skipped=stats,
         skipped_existing=skipped_existing,
-        caption_words={name: [len(t.split()) for t in values] for name, values in texts.items()},
         caption_stats={name: caption_word_stats(values) for name, values in texts.items()},
     )
 

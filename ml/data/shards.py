@@ -28,6 +28,7 @@ from botocore.exceptions import ClientError, EndpointConnectionError, NoCredenti
 from PIL import Image
 
 from ml.data.sample import Sample
+from ml.files import commit, split_s3, temp_path, write_atomic
 
 IMAGE_FORMATS = ("png", "jpg")  # what the writer encodes
 # Extensions the reader decodes as images, in order of preference; img2dataset writes these.
@@ -99,7 +100,7 @@ class ShardWriter:
 
     def _open_shard(self) -> tarfile.TarFile:
         # Both stay open across write() calls; _finish_shard or _discard_shard closes them.
-        self._file = open(_temp_path(self._shard_path()), "wb")  # noqa: SIM115
+        self._file = open(temp_path(self._shard_path()), "wb")  # noqa: SIM115
         # PAX is pinned so the bytes do not depend on the Python version's default format.
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)  # noqa: SIM115
         self._count = 0
@@ -109,7 +110,7 @@ class ShardWriter:
         assert self._tar is not None and self._file is not None
         path = self._shard_path()
         self._tar.close()  # writes the end-of-archive blocks; leaves the file open
-        _commit(self._file, path)
+        commit(self._file, path)
         stats = {
             "count": self._count,
             "successes": self._count,
@@ -126,7 +127,7 @@ class ShardWriter:
     def _discard_shard(self) -> None:
         if self._file is not None:
             self._file.close()
-            _temp_path(self._shard_path()).unlink()
+            temp_path(self._shard_path()).unlink()
         self._tar = self._file = None
 
 
@@ -171,25 +172,6 @@ def _tar_info(name: str, size: int) -> tarfile.TarInfo:
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     return info
-
-
-def _temp_path(path: Path) -> Path:
-    # Not ending in .tar, so list_shards never sees it; fixed, so a rerun overwrites leftovers.
-    return path.with_name(path.name + ".tmp")
-
-
-def _commit(file: IO[bytes], path: Path) -> None:
-    """Flushes the temp file of `path` to disk and renames it into place."""
-    file.flush()
-    os.fsync(file.fileno())
-    file.close()
-    os.replace(_temp_path(path), path)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    with open(_temp_path(path), "wb") as file:
-        file.write(data)
-        _commit(file, path)
 
 
 @dataclass
@@ -265,11 +247,6 @@ class _Truncated(Exception):
         self.pending = pending
 
 
-def _split_s3(uri: str) -> tuple[str, str]:
-    bucket, _, key = uri.removeprefix("s3://").partition("/")
-    return bucket, key
-
-
 @contextmanager
 def _s3_errors(uri: str, s3: Any) -> Iterator[None]:
     """botocore's errors as ones that name the URI and say what to fix."""
@@ -296,7 +273,7 @@ def _s3_errors(uri: str, s3: Any) -> Iterator[None]:
 
 
 def _list_s3(uri: str, s3: Any) -> list[dict[str, Any]]:
-    bucket, prefix = _split_s3(uri)
+    bucket, prefix = split_s3(uri)
     if prefix and not prefix.endswith("/"):
         prefix += "/"  # "data/a" must not match "data/ab/..."
     entries: list[dict[str, Any]] = []
@@ -320,7 +297,7 @@ def _list_s3(uri: str, s3: Any) -> list[dict[str, Any]]:
 def _open_stream(uri: str, s3: Any) -> IO[bytes]:
     if not uri.startswith("s3://"):
         return open(uri, "rb")
-    bucket, key = _split_s3(uri)
+    bucket, key = split_s3(uri)
     s3 = s3 or boto3.client("s3")
     with _s3_errors(uri, s3):
         return s3.get_object(Bucket=bucket, Key=key)["Body"]

@@ -18,9 +18,7 @@ layout with an `LCMScheduler`, so the same pipeline class loads and samples it.
 """
 
 import copy
-import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,24 +26,25 @@ import torch
 from diffusers import LCMScheduler, UNet2DConditionModel
 from torch.utils.data import IterableDataset
 
-from ml.data.mixed import BlendedDataset, MixManifest
 from ml.diffusion.pipeline import TextToImagePipeline, encode_prompts, guided, predict_noise
-from ml.diffusion.train import ExampleStream, make_batch, save_pipeline, step_generator
-from ml.train import TrainConfig, lr_lambda
+from ml.diffusion.training import make_batch
+from ml.eval.oracle import PromptFollowingConfig
+from ml.stage import NO_LOG, Log
+from ml.train import Streamed, TrainConfig, TrainResult, train
 
-LogFn = Callable[[int, dict[str, float]], None]
 SIGMA_DATA = 0.5  # the data scale the boundary scalings assume (Karras et al., LCM)
+
+
+def _toy_train() -> TrainConfig:
+    return TrainConfig(
+        steps=600, batch_size=16, lr=2e-4, warmup_steps=20, log_every=10, checkpoint_every=100
+    )
 
 
 @dataclass
 class DistillConfig:
-    """How the student learns; the defaults are the toy profile's."""
+    """How the student learns and how it is scored; the defaults are the toy profile's."""
 
-    steps: int = 600
-    batch_size: int = 16
-    lr: float = 2e-4
-    warmup_steps: int = 20
-    grad_clip: float = 1.0
     num_ddim_timesteps: int = 50  # the teacher's solver skeleton: one step skips 1000 / 50
     guidance_min: float = 1.0  # the guidance scales w the student learns to imitate
     guidance_max: float = 5.0
@@ -53,11 +52,13 @@ class DistillConfig:
     target_ema_decay: float = 0.95
     huber_c: float = 0.001
     timestep_scaling: float = 10.0  # sharpens the boundary scalings around t = 0, as in LCM
-    seed: int = 0
-    log_every: int = 10
+    train: TrainConfig = field(default_factory=_toy_train)
+    eval: PromptFollowingConfig = field(
+        default_factory=lambda: PromptFollowingConfig(sampling_steps=2)
+    )
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "num_ddim_timesteps", "guidance_embedding_dim"):
+        for name in ("num_ddim_timesteps", "guidance_embedding_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 1.0 <= self.guidance_min <= self.guidance_max:
@@ -67,8 +68,6 @@ class DistillConfig:
             )
         if not 0 < self.target_ema_decay < 1:
             raise ValueError(f"target_ema_decay must be in (0, 1), got {self.target_ema_decay}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
 
 
 def boundary_scalings(
@@ -146,15 +145,16 @@ def build_student(teacher: UNet2DConditionModel, cfg: DistillConfig) -> UNet2DCo
 def distill(
     teacher: TextToImagePipeline,
     cfg: DistillConfig,
-    data: str | Path | IterableDataset,
-    out_dir: Path,
-    log: LogFn = lambda step, metrics: None,
-) -> dict[str, Any]:
-    """Distil `teacher` into a student saved at `out_dir` (same layout, LCM scheduler).
+    data: IterableDataset,
+    log: Log = NO_LOG,
+    work: Path | None = None,
+    resume: bool = True,
+) -> tuple[TextToImagePipeline, TrainResult]:
+    """Distil `teacher` into a student pipeline (same layout, LCM scheduler).
 
-    `data` is a `MixManifest` JSON path or a dataset with `set_epoch` yielding {"image",
-    "caption"}; only its images and captions are used, never the teacher's samples. Every
-    random draw of step s comes from a generator seeded with (seed, s). Returns statistics.
+    `data` is a dataset with `set_epoch` yielding {"image", "caption"} (a `MixedDataset`); only
+    its images and captions are used, never the teacher's samples. The target network (the
+    student's slow EMA) is checkpointed with the student (see `ml.train.train`).
     """
     device = teacher.device
     teacher.unet.requires_grad_(False).eval()
@@ -162,23 +162,15 @@ def distill(
     schedule = NoiseSchedule.of(teacher.scheduler, device)
     student = build_student(teacher.unet, cfg).train()
     target = copy.deepcopy(student).requires_grad_(False)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr)
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lr_lambda(TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps)),
-    )
     skip = teacher.scheduler.config.num_train_timesteps // cfg.num_ddim_timesteps
     solver_timesteps = (torch.arange(1, cfg.num_ddim_timesteps + 1) * skip - 1).to(device)
-    dataset = data if isinstance(data, IterableDataset) else BlendedDataset(MixManifest.load(data))
-    stream = ExampleStream(dataset, num_workers=0, epoch=0, offset=0)
 
-    losses: list[float] = []
-    started = time.perf_counter()
-    for step in range(cfg.steps):
-        generator = step_generator(cfg.seed, step, rank=0)
-        captions, pixels = make_batch(
-            stream.take(cfg.batch_size), teacher.image_size, 0.0, generator
-        )
+    def loss_fn(
+        modules: list[torch.nn.Module],
+        batch: tuple[list[str], torch.Tensor],
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        captions, pixels = batch
         n = len(captions)
         with torch.no_grad():
             x0 = teacher.encode_images(pixels.to(device), generator).float()
@@ -209,30 +201,25 @@ def distill(
                 target, schedule, previous, end, text, guidance, cfg.timestep_scaling
             )
         predicted = consistency_function(
-            student, schedule, noisy, start, text, guidance, cfg.timestep_scaling
+            modules[0], schedule, noisy, start, text, guidance, cfg.timestep_scaling
         )
-        loss = (
+        return (
             torch.sqrt((predicted.float() - wanted.float()) ** 2 + cfg.huber_c**2) - cfg.huber_c
         ).mean()
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+
+    def after_step(step: int, ema_weights: object) -> None:
         with torch.no_grad():
             for moving, online in zip(target.parameters(), student.parameters(), strict=True):
                 moving.lerp_(online, 1 - cfg.target_ema_decay)
-        losses.append(loss.item())
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            recent = losses[-cfg.log_every :]
-            log(step + 1, {
-                "loss": sum(recent) / len(recent),
-                "lr": lr_scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm),
-                "images_per_s": (step + 1) * cfg.batch_size / (time.perf_counter() - started),
-            })  # fmt: skip
 
-    seconds = time.perf_counter() - started
+    batches = Streamed(
+        data,
+        cfg.train.batch_size,
+        lambda examples, generator: make_batch(examples, teacher.image_size, 0.0, generator),
+    )
+    result = train(
+        [student], loss_fn, batches, cfg.train, log, work, resume, {"target": target}, after_step
+    )
     # The teacher's noise schedule, less what only a DDPM sampler knows of (its variance).
     schedule_config = {k: v for k, v in teacher.scheduler.config.items() if k != "variance_type"}
     scheduler = LCMScheduler.from_config(
@@ -244,11 +231,4 @@ def distill(
     student_pipe = TextToImagePipeline(
         target.eval(), teacher.text_encoder, teacher.tokenizer, scheduler, teacher.vae
     )
-    save_pipeline(student_pipe, Path(out_dir))
-    return {
-        "steps": cfg.steps,
-        "final_loss": losses[-1],
-        "seconds": seconds,
-        "images_per_s": cfg.steps * cfg.batch_size / seconds,
-        "config": asdict(cfg),
-    }
+    return student_pipe, result

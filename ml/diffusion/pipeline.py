@@ -23,6 +23,7 @@ from diffusers import (
     LCMScheduler,
     UNet2DConditionModel,
 )
+from diffusers.models.attention_processor import AttnProcessor
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
 from tokenizers import processors
@@ -34,8 +35,8 @@ from transformers import (
     T5EncoderModel,
 )
 
-from ml.captioner.tokenizer import train_tokenizer
 from ml.diffusion.config import DiffusionConfig
+from ml.tokenizer import train_tokenizer
 
 # Samplers over the training noise schedule. DDIM and DPM-Solver are deterministic (no noise
 # per step) and serve a diffusion model; "lcm" is the multistep consistency sampler of a
@@ -147,6 +148,10 @@ class TextToImagePipeline(DiffusionPipeline):
         vae: AutoencoderKL | None = None,
     ) -> None:
         super().__init__()
+        if not torch.cuda.is_available():
+            # The same maths as SDPA, faster on CPU at the toy's few, small heads
+            # (docs/benchmarks.md); GPUs keep diffusers' default.
+            unet.set_attn_processor(AttnProcessor())
         self.register_modules(
             unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler, vae=vae
         )
@@ -173,13 +178,12 @@ class TextToImagePipeline(DiffusionPipeline):
         num_inference_steps: int = 25,
         guidance_scale: float = 3.0,
         seed: int = 0,
-        generator: torch.Generator | None = None,
         sampler: str | None = None,
     ) -> list[Image.Image]:
         """One image per prompt.
 
-        The noise is drawn on the CPU from `generator` (default: seeded with `seed`), so a
-        seed gives the same images on any device; image i depends on the seed and its place in
+        The noise is drawn on the CPU from a generator seeded with `seed`, so a seed gives
+        the same images on any device; image i depends on the seed and its place in
         the batch. Guidance uses the empty prompt's embedding, which caption dropout trained;
         `guidance_scale=1` turns it off. `sampler` defaults to "lcm" for a distilled model
         and "ddim" otherwise.
@@ -194,7 +198,7 @@ class TextToImagePipeline(DiffusionPipeline):
                 "distilled model; distilled models sample with 'lcm'"
             )
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        generator = generator if generator is not None else torch.Generator().manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
         scheduler = SAMPLERS[sampler].from_config(self.scheduler.config)
         scheduler.set_timesteps(num_inference_steps, device=self.device)
         use_guidance = guidance_scale != 1.0 and not distilled
@@ -287,14 +291,14 @@ def build_text_encoder(
 
 
 def build_pipeline(cfg: DiffusionConfig, corpus: Sequence[str] = ()) -> TextToImagePipeline:
-    """A fresh model for `cfg`, its random weights a function of `cfg.seed` alone (and its BPE
+    """A fresh model for `cfg`, its random weights a function of `cfg.train.seed` alone (and its BPE
     vocabulary of the captions in `corpus`).
 
     Cross-attention sits only in the `cross_attention_levels` lowest-resolution levels (and the
     mid block): on CPU, attention at higher resolutions costs most of the throughput.
     """
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.train.seed)
         text_encoder, tokenizer = build_text_encoder(cfg, corpus)
         vae = None
         channels, size = 3, cfg.image_size

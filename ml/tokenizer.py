@@ -1,7 +1,7 @@
 """An offline caption tokenizer, trained on the captions themselves.
 
-Model hubs are unreachable, so instead of GPT-2's vocabulary the captioner gets a small
-byte-level BPE learned from its own training text. Byte-level means any string encodes
+Model hubs are unreachable, so instead of GPT-2's vocabulary the captioner and the toy T5 get
+a small byte-level BPE learned from their own training text. Byte-level means any string encodes
 (no unknown tokens, even for web junk like "IMG_0423.jpg") and decodes back exactly, case
 included, so captions keep their capitals and quoted words.
 """

@@ -1,0 +1,206 @@
+"""The one asset factory: every stage of `ml.stages` becomes a Dagster asset the same way.
+
+The bookkeeping is done once here: resolve the config (params.yaml section, run config laid
+over it) -> tracked MLflow run -> staged write -> the `ml` stage -> metrics, images, registry
+-> DVC commit -> metadata. The run-config class of each asset is generated from its stage's
+config dataclass (every field optional, nested sections nested), so every field of params.yaml
+can be overridden from the launchpad and no config is written twice.
+"""
+
+import dataclasses
+import hashlib
+import time
+import types
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import mlflow
+from pydantic import create_model
+
+from dalle3_dag.imports import closure
+from dalle3_dag.metadata import captioned_images
+from dalle3_dag.project import PROJECT_DIR, TRAINING_TAGS, effective_params, resolve
+from dalle3_dag.resources import DvcResource, MlflowResource, StorageResource
+from dalle3_dag.versioning import FolderCheck, check_specs, commit, staged, tracked_run
+from ml.stage import Inputs, Stage, StageResult, run_stage
+
+CHECKPOINTS = ".checkpoints"
+KINDS = {"pytorch", "mlflow", "dvc"}
+
+
+def _field_type(hint: Any, name: str) -> Any:
+    """The run-config type of a dataclass field: nested dataclasses become nested classes,
+    tuples lists, unions Any; the rest is as Dagster's config system takes it."""
+    if dataclasses.is_dataclass(hint):
+        return config_class(hint, name)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is tuple:
+        return list[args[0]]
+    if origin in (typing.Union, types.UnionType):
+        # Dagster's config types have no union of scalars and lists; `build_config` still
+        # checks the value against the real annotation, naming the field.
+        return Any
+    return hint
+
+
+def config_class(cls: type, name: str) -> type[dg.Config]:
+    """A Dagster run-config class with every field of the dataclass `cls`, each optional:
+    unset fields keep params.yaml's values."""
+    hints = typing.get_type_hints(cls)
+    fields = {
+        f.name: (_field_type(hints[f.name], f"{name}_{f.name}") | None, None)
+        for f in dataclasses.fields(cls)
+    }
+    return create_model(name, __base__=dg.Config, **fields)
+
+
+def _code_version(stage: Stage, module: str) -> str:
+    """A hash of every project file the stage's code and its asset's module import, so an edit
+    to any of them shows the asset as changed code in the UI."""
+    files = closure([module, stage.module], PROJECT_DIR)
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.encode() + (PROJECT_DIR / path).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+class DagsterLog:
+    """An `ml.stage.Log` on a Dagster step: figures to MLflow at every report, and a line in
+    the run log every `every` of a loop, with its rate and the time left."""
+
+    def __init__(self, context: dg.AssetExecutionContext, every: float = 0.05) -> None:
+        self.context, self.every = context, every
+        self.key = context.asset_key.to_user_string()
+        self.started: tuple[int, float] | None = None
+        self.reported = -1.0
+
+    def info(self, message: str) -> None:
+        self.context.log.info(message)
+
+    def metrics(self, step: int, total: int, values: dict[str, float]) -> None:
+        mlflow.log_metrics(values, step=step)
+        now = time.monotonic()
+        if self.started is None or step <= self.started[0]:
+            self.started, self.reported = (step, now), step / total
+            return
+        if step / total - self.reported < self.every and step != total:
+            return
+        self.reported = step / total
+        first, then = self.started
+        rate = (step - first) / max(now - then, 1e-9)
+        figures = ", ".join(f"{k} {v:.4g}" for k, v in values.items())
+        eta = (total - step) / rate if rate else 0.0
+        self.context.log.info(
+            f"{self.key}: step {step}/{total} ({step / total:.0%}), {figures}, "
+            f"ETA {int(eta) // 60}:{int(eta) % 60:02d}"
+        )
+
+    def image(self, name: str, image: Any, step: int | None = None) -> None:
+        path = f"{name}/step-{step:06d}.png" if step is not None else f"{name}.png"
+        mlflow.log_image(image, path)
+
+
+def _metadata_value(value: Any) -> Any:
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return dg.MetadataValue.int(value)
+    if isinstance(value, float):
+        return dg.MetadataValue.float(round(value, 4))
+    return dg.MetadataValue.json(value)
+
+
+def stage_asset(
+    stage: Stage,
+    *,
+    module: str,
+    group: str,
+    description: str,
+    kinds: set[str] = frozenset(),
+    checks: Sequence[FolderCheck] = (),
+    deps: Sequence[str] = (),
+    params: Sequence[str] = (),
+    partitions_def: dg.PartitionsDefinition | None = None,
+    after: Callable[[dg.AssetExecutionContext, StageResult], dict[str, Any]] | None = None,
+) -> dg.AssetsDefinition:
+    """The asset of `stage`: its key, input assets (plus `deps`), group, checks and code
+    version, and the one materialization body.
+
+    `params` are other params.yaml sections the asset's result depends on (check floors);
+    dvc.lock records them with the stage's own. A partitioned stage writes its partitions'
+    files into the live folder itself (each one atomically) and runs all the partitions of a
+    run in one step. `after` adds the few Dagster-only lines an asset needs (e.g. syncing
+    partitions) and returns extra metadata.
+    """
+    key = stage.name
+    fields: dict[str, Any] = {}
+    if stage.trains:
+        fields["resume"] = (bool, True)  # how to run, not what: no part of the config
+    overrides_class = create_model(
+        f"{key}_config", __base__=config_class(stage.config, f"{key}_params"), **fields
+    )
+
+    @dg.asset(
+        key=key,
+        deps=[*stage.inputs, *deps],
+        group_name=group,
+        kinds={*KINDS, *kinds},
+        op_tags=TRAINING_TAGS if stage.trains else None,
+        code_version=_code_version(stage, module),
+        check_specs=check_specs(key, list(checks)),
+        partitions_def=partitions_def,
+        backfill_policy=dg.BackfillPolicy.single_run() if partitions_def else None,
+        description=description,
+    )
+    def _asset(
+        context: dg.AssetExecutionContext,
+        config: overrides_class,  # type: ignore[valid-type]
+        storage: StorageResource,
+        mlflow_tracker: MlflowResource,
+        dvc: DvcResource,
+    ) -> dg.MaterializeResult:
+        overrides = config.model_dump()
+        resume = overrides.pop("resume", True)
+        cfg, values = resolve(stage.config, key, overrides)
+        inputs = Inputs(
+            folders={name: storage.asset_dir(name) for name in stage.inputs},
+            versions={name: dvc.out_hash(name) or "unversioned" for name in stage.inputs},
+            work=Path(storage.root) / CHECKPOINTS / key,
+            resume=resume,
+            partitions=list(context.partition_keys) if partitions_def else [],
+            s3=storage.s3_client,
+        )
+        for name in stage.inputs:  # a missing input is named before any work
+            inputs[name]
+        log = DagsterLog(context)
+        with tracked_run(context, mlflow_tracker, dvc):
+            mlflow_tracker.log_config(cfg)
+            if partitions_def:
+                checked: list[dg.AssetCheckResult] = []
+                result = run_stage(stage, cfg, inputs, storage.asset_dir(key), log)
+            else:
+                with staged(context, key, storage, checks) as version:
+                    result = run_stage(stage, cfg, inputs, version.path, log)
+                checked = version.checks
+            mlflow.log_metrics(result.metrics)
+            for name, image in result.images.items():
+                mlflow.log_image(image, f"{name}.png")
+            for name, document in result.files.items():
+                mlflow.log_dict(document, name)
+            metadata = {name: _metadata_value(v) for name, v in result.metadata.items()}
+            metadata |= {name: _metadata_value(v) for name, v in result.metrics.items()}
+            if result.examples:
+                metadata["examples"] = captioned_images(result.examples)
+            if result.register:
+                metadata["registered_version"] = mlflow_tracker.register(
+                    key, storage.asset_dir(key)
+                )
+            if after is not None:
+                metadata |= after(context, result)
+            recorded = {key: values, **{section: effective_params(section) for section in params}}
+            return commit(key, storage, dvc, metadata, recorded, checked)
+
+    return _asset

@@ -1,0 +1,93 @@
+"""What the diffusion model and its student train on: batches of images and blended captions,
+the denoising loss, and the sample grids that show training go."""
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.nn import functional as F
+from torch.utils.data import IterableDataset
+
+from ml.data.mixed import MixedDataset
+from ml.diffusion.config import DiffusionConfig
+from ml.diffusion.pipeline import TextToImagePipeline, encode_prompts, predict_noise
+from ml.viz import image_grid
+
+
+def to_tensor(image: Image.Image, size: int) -> torch.Tensor:
+    """An RGB image as a (3, size, size) float tensor in [-1, 1]."""
+    image = image.convert("RGB")
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
+    return pixels.permute(2, 0, 1).float() / 127.5 - 1
+
+
+def needs_corpus(cfg: DiffusionConfig) -> bool:
+    return not cfg.text_encoder_path and cfg.tokenizer == "bpe"
+
+
+def caption_corpus(dataset: IterableDataset) -> list[str]:
+    """The captions of epoch 0, which the toy BPE tokenizer learns from: a pure function of the
+    data, so a resumed run rebuilds the same vocabulary, and every DDP rank reads all of it."""
+    if isinstance(dataset, MixedDataset):
+        dataset = MixedDataset(dataset.manifest, rank=0, world_size=1)
+    dataset.set_epoch(0)
+    return [example["caption"] for example in dataset]
+
+
+def make_batch(
+    examples: list[dict[str, Any]],
+    image_size: int,
+    caption_dropout: float,
+    generator: torch.Generator,
+) -> tuple[list[str], torch.Tensor]:
+    """(captions, pixels in [-1, 1]); `caption_dropout` of the captions replaced by "", which
+    trains the unconditional prediction that classifier-free guidance needs."""
+    dropped = (torch.rand(len(examples), generator=generator) < caption_dropout).tolist()
+    captions = ["" if drop else ex["caption"] for drop, ex in zip(dropped, examples, strict=True)]
+    return captions, torch.stack([to_tensor(ex["image"], image_size) for ex in examples])
+
+
+def diffusion_loss(
+    pipe: TextToImagePipeline,
+    unet: torch.nn.Module,
+    text_encoder: torch.nn.Module,
+    captions: list[str],
+    pixels: torch.Tensor,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """The denoising loss of one batch: MSE between the U-Net's prediction and its target (the
+    noise, or v), at uniformly drawn timesteps.
+
+    `unet` and `text_encoder` may be the accelerate-wrapped modules of `pipe`. Every random
+    draw (VAE posterior sample, timesteps, noise) comes from the CPU `generator`, in that order,
+    so a step's randomness does not depend on the device or on what ran before it.
+    """
+    device = next(unet.parameters()).device
+    with torch.no_grad():
+        latents = pipe.encode_images(pixels.to(device), generator).float()
+    schedule = pipe.scheduler
+    timesteps = torch.randint(
+        0, schedule.config.num_train_timesteps, (len(captions),), generator=generator
+    ).to(device)
+    noise = torch.randn(latents.shape, generator=generator).to(device)
+    noisy = schedule.add_noise(latents, noise, timesteps)
+    if schedule.config.prediction_type == "epsilon":
+        target = noise
+    else:
+        target = schedule.get_velocity(latents, noise, timesteps)
+    trains_text = any(p.requires_grad for p in text_encoder.parameters())
+    with torch.set_grad_enabled(trains_text):
+        text_states, text_mask = encode_prompts(pipe.tokenizer, text_encoder, captions)
+    prediction = predict_noise(unet, noisy, timesteps, text_states, text_mask)
+    return F.mse_loss(prediction.float(), target.float())
+
+
+def sample_grid(pipe: TextToImagePipeline, prompts: Sequence[str], seed: int) -> Image.Image:
+    """Samples for fixed prompts and seed, so grids compare across steps."""
+    pipe.unet.eval()
+    pipe.text_encoder.eval()
+    return image_grid(pipe(list(prompts), seed=seed), cols=8, scale=4)

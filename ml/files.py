@@ -1,0 +1,44 @@
+"""The one way files are written (atomically) and S3 URIs are read, for `ml` and `dalle3_dag`."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import IO, Any
+
+
+def temp_path(path: Path) -> Path:
+    # Not ending in the file's own suffix (e.g. .tar), so listings never take it for a file;
+    # fixed, so a rerun overwrites leftovers.
+    return path.with_name(path.name + ".tmp")
+
+
+def commit(file: IO[bytes], path: Path) -> None:
+    """Flush `temp_path(path)`'s open file to disk and rename it into place."""
+    file.flush()
+    os.fsync(file.fileno())
+    file.close()
+    os.replace(temp_path(path), path)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """`path` holds `data` or what it held before, never a part."""
+    with open(temp_path(path), "wb") as file:
+        file.write(data)
+        commit(file, path)
+
+
+def write_json(path: Path, value: Any) -> None:
+    write_atomic(Path(path), (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
+
+
+def replace_dir(staged: Path, final: Path) -> None:
+    """Move a completely written folder into place, replacing what was there."""
+    shutil.rmtree(final, ignore_errors=True)
+    staged.rename(final)
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """s3://bucket/key -> (bucket, key)."""
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return bucket, key
