@@ -1,9 +1,10 @@
 """`dalle3`: the project's command line, for what is not a Dagster materialization."""
 
 import argparse
+import re
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
+import time
 from pathlib import Path
 
 from dalle3_dag.resources import DvcResource, MlflowResource, StorageResource
@@ -13,34 +14,67 @@ DAGSTER = [DAGSTER_BIN, "asset", "materialize", "-m", "dalle3_dag.definitions"]
 DAGSTER_JOB = [DAGSTER_BIN, "job", "execute", "-m", "dalle3_dag.definitions", "-j"]
 
 
-def _run(cmd: list[str], what: str) -> None:
-    print(f"$ dagster {' '.join(cmd[1:])}", flush=True)
-    if subprocess.run(cmd).returncode != 0:
-        raise SystemExit(f"{what} failed")
+# A line of Dagster's console log: time, level, then " - "-separated fields, message last.
+RECORD = re.compile(r"^\S+ (\d\d:\d\d:\d\d) \S+ - dagster - ([A-Z]+) - (.*)$")
+QUIET = ("DEBUG",)
 
 
-def _materialize(select: str, partition: str | None = None) -> None:
-    cmd = [*DAGSTER, "--select", select, *(["--partition", partition] if partition else [])]
-    _run(cmd, f"materializing {select} {partition or ''}")
+class RunLog:
+    """What `dalle3 run` shows: Dagster's INFO and above, one short line each, while every
+    line of every command goes to a log file."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.file = path, open(path, "a")  # noqa: SIM115
+        self.showing = True
+
+    def command(self, cmd: list[str], what: str) -> None:
+        print(f"$ {Path(cmd[0]).name} {' '.join(cmd[1:])}", flush=True)
+        self.file.write(f"$ {' '.join(cmd)}\n")
+        started = time.monotonic()
+        with subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        ) as proc:
+            for line in proc.stdout:
+                self.file.write(line)
+                self.show(line.rstrip("\n"))
+        self.file.flush()
+        if proc.returncode != 0:
+            raise SystemExit(f"{what} failed (full log: {self.path})")
+        print(f"  {what}: done in {time.monotonic() - started:.0f} s", flush=True)
+
+    def show(self, line: str) -> None:
+        record = RECORD.match(line)
+        if record is None:  # a continuation line: shown with the record it belongs to
+            if self.showing and line.strip():
+                print(f"    {line}", flush=True)
+            return
+        clock, level, rest = record.groups()
+        self.showing = level not in QUIET
+        if self.showing:
+            print(f"{clock} {level:7} {rest.rsplit(' - ', 1)[-1]}", flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Materialize assets with the Dagster CLI in graph order, partitioned ones shard by shard.
+    """Materialize assets with the Dagster CLI in graph order: unpartitioned assets together,
+    each partitioned one in one run over all its partitions.
 
-    `dagster asset materialize` takes one partition per run, so unpartitioned assets run
-    together and each shard partition gets its own run (`--jobs` at a time): a failed shard
-    fails alone and a rerun only redoes what is missing.
+    The console shows Dagster's INFO lines (each asset's start, progress and figures); the
+    full DEBUG log goes to `logs/run-<time>.log`.
     """
     import dagster as dg
 
     from dalle3_dag.definitions import defs
+    from dalle3_dag.project import PROJECT_DIR
 
+    log = RunLog(PROJECT_DIR / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log")
+    print(f"full log: {log.path}", flush=True)
     graph = defs.resolve_asset_graph()
     selected = dg.AssetSelection.from_coercible(args.select).resolve(graph)
     if dg.AssetKey("raw_pairs") in selected:
         # Record the source's current version first, so the UI can tell when new or changed
         # shards make raw_pairs stale.
-        _run([*DAGSTER_JOB, "observe_sources"], "observing raw_pairs_source")
+        log.command([*DAGSTER_JOB, "observe_sources"], "observing raw_pairs_source")
     batch: list[str] = []
     for key in graph.toposorted_asset_keys:
         if key not in selected:
@@ -50,16 +84,17 @@ def run(args: argparse.Namespace) -> int:
             batch.append(key.to_user_string())
             continue
         if batch:
-            _materialize(",".join(batch))
+            log.command([*DAGSTER, "--select", ",".join(batch)], ", ".join(batch))
             batch = []
         with dg.DagsterInstance.get() as instance:
             partitions = partitions_def.get_partition_keys(dynamic_partitions_store=instance)
         if not partitions:
             raise SystemExit(f"{key.to_user_string()} has no partitions yet: run its upstream")
-        with ThreadPoolExecutor(args.jobs) as pool:
-            list(pool.map(lambda p, k=key: _materialize(k.to_user_string(), p), partitions))
+        span = f"{partitions[0]}...{partitions[-1]}"
+        cmd = [*DAGSTER, "--select", key.to_user_string(), "--partition-range", span]
+        log.command(cmd, f"{key.to_user_string()} [{span}]")
     if batch:
-        _materialize(",".join(batch))
+        log.command([*DAGSTER, "--select", ",".join(batch)], ", ".join(batch))
     return summary(args) if args.summary else 0
 
 
@@ -87,9 +122,8 @@ def summary(_: argparse.Namespace) -> int:
 
 def caption(args: argparse.Namespace) -> int:
     """Print the SSC and DSC captions of image files, with the materialized captioners."""
-    from PIL import Image
-
     from ml.captioner.stages import ImageCaptioner
+    from PIL import Image
 
     storage = StorageResource()
     needed = ["clip_encoder", "captioner_ssc", "captioner_dsc"]
@@ -143,10 +177,30 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def dvc_yaml(args: argparse.Namespace) -> int:
+    """Write dvc.yaml from the asset definitions (or, with --check, fail if it differs)."""
+    from dalle3_dag.definitions import defs  # noqa: F401  (builds the assets)
+    from dalle3_dag.factory import dvc_yaml as render
+    from dalle3_dag.project import PROJECT_DIR
+
+    path, text = PROJECT_DIR / "dvc.yaml", render()
+    if args.check:
+        if path.read_text() != text:
+            print(f"{path} is out of date: run `dalle3 dvc-yaml`", file=sys.stderr)
+            return 1
+        return 0
+    path.write_text(text)
+    print(f"wrote {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dalle3", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("summary", help=summary.__doc__).set_defaults(func=summary)
+    dvc_parser = commands.add_parser("dvc-yaml", help=dvc_yaml.__doc__)
+    dvc_parser.add_argument("--check", action="store_true", help="only check it is current")
+    dvc_parser.set_defaults(func=dvc_yaml)
     caption_parser = commands.add_parser("caption", help=caption.__doc__)
     caption_parser.add_argument("images", nargs="+", help="image files")
     caption_parser.set_defaults(func=caption)
@@ -161,7 +215,6 @@ def main(argv: list[str] | None = None) -> int:
     gen.set_defaults(func=generate)
     run_parser = commands.add_parser("run", help="materialize assets, shard partitions included")
     run_parser.add_argument("--select", default="*", help="Dagster asset selection")
-    run_parser.add_argument("--jobs", type=int, default=2, help="shard partitions at a time")
     run_parser.add_argument("--summary", action="store_true", help="print `dalle3 summary` after")
     run_parser.set_defaults(func=run)
     args = parser.parse_args(argv)

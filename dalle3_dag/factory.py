@@ -18,9 +18,10 @@ from typing import Any
 
 import dagster as dg
 import mlflow
+import yaml
 from pydantic import create_model
 
-from dalle3_dag.imports import closure
+from dalle3_dag.imports import closure, module_file, project_imports
 from dalle3_dag.metadata import captioned_images
 from dalle3_dag.project import PROJECT_DIR, TRAINING_TAGS, effective_params, resolve
 from dalle3_dag.resources import DvcResource, MlflowResource, StorageResource
@@ -29,6 +30,9 @@ from ml.stage import Inputs, Stage, StageResult, run_stage
 
 CHECKPOINTS = ".checkpoints"
 KINDS = {"pytorch", "mlflow", "dvc"}
+ASSETS = "assets"
+# What dvc.yaml says of each asset the factory built (see `dvc_stages`), by asset key.
+DVC_STAGES: dict[str, dict[str, Any]] = {}
 
 
 def _field_type(hint: Any, name: str) -> Any:
@@ -57,10 +61,23 @@ def config_class(cls: type, name: str) -> type[dg.Config]:
     return create_model(name, __base__=dg.Config, **fields)
 
 
-def _code_version(stage: Stage, module: str) -> str:
+def code_files(stage: Stage, module: str) -> list[str]:
+    """The project files an asset's code is made of: its stage's import closure, and its asset
+    module's, less the other stages that module also defines assets for."""
+    own = module_file(module, PROJECT_DIR)
+    stages = f"{stage.module.rpartition('.')[0]}."
+    imported = {
+        name
+        for name in project_imports(own, PROJECT_DIR)
+        if not name.startswith(stages) or name == stage.module
+    }
+    files = closure(sorted(imported | {stage.module}), PROJECT_DIR)
+    return sorted({*files, own.relative_to(PROJECT_DIR).as_posix()})
+
+
+def _code_version(files: list[str]) -> str:
     """A hash of every project file the stage's code and its asset's module import, so an edit
     to any of them shows the asset as changed code in the UI."""
-    files = closure([module, stage.module], PROJECT_DIR)
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.encode() + (PROJECT_DIR / path).read_bytes())
@@ -136,6 +153,17 @@ def stage_asset(
     partitions) and returns extra metadata.
     """
     key = stage.name
+    code = code_files(stage, module)
+    DVC_STAGES[key] = {
+        "cmd": (
+            f"dalle3 run --select {key}"  # every partition, through the Dagster CLI
+            if partitions_def
+            else f"dagster asset materialize -m dalle3_dag.definitions --select {key}"
+        ),
+        "deps": [f"{ASSETS}/{name}" for name in stage.inputs] + code,
+        "params": [key, *params],
+        "outs": [f"{ASSETS}/{key}"],
+    }
     fields: dict[str, Any] = {}
     if stage.trains:
         fields["resume"] = (bool, True)  # how to run, not what: no part of the config
@@ -149,7 +177,7 @@ def stage_asset(
         group_name=group,
         kinds={*KINDS, *kinds},
         op_tags=TRAINING_TAGS if stage.trains else None,
-        code_version=_code_version(stage, module),
+        code_version=_code_version(code),
         check_specs=check_specs(key, list(checks)),
         partitions_def=partitions_def,
         backfill_policy=dg.BackfillPolicy.single_run() if partitions_def else None,
@@ -176,6 +204,8 @@ def stage_asset(
         for name in stage.inputs:  # a missing input is named before any work
             inputs[name]
         log = DagsterLog(context)
+        started = time.monotonic()
+        log.info(f"{key}: started")
         with tracked_run(context, mlflow_tracker, dvc):
             mlflow_tracker.log_config(cfg)
             if partitions_def:
@@ -185,13 +215,14 @@ def stage_asset(
                 with staged(context, key, storage, checks) as version:
                     result = run_stage(stage, cfg, inputs, version.path, log)
                 checked = version.checks
-            mlflow.log_metrics(result.metrics)
+            mlflow.log_metrics(result.metrics | result.speed)
             for name, image in result.images.items():
                 mlflow.log_image(image, f"{name}.png")
             for name, document in result.files.items():
                 mlflow.log_dict(document, name)
             metadata = {name: _metadata_value(v) for name, v in result.metadata.items()}
-            metadata |= {name: _metadata_value(v) for name, v in result.metrics.items()}
+            figures = result.metrics | result.speed
+            metadata |= {name: _metadata_value(v) for name, v in figures.items()}
             if result.examples:
                 metadata["examples"] = captioned_images(result.examples)
             if result.register:
@@ -201,6 +232,25 @@ def stage_asset(
             if after is not None:
                 metadata |= after(context, result)
             recorded = {key: values, **{section: effective_params(section) for section in params}}
-            return commit(key, storage, dvc, metadata, recorded, checked)
+            materialized = commit(key, storage, dvc, metadata, recorded, checked)
+        figures = ", ".join(f"{k} {v:.4g}" for k, v in list(result.metrics.items())[:8])
+        failed = [c.check_name for c in checked if not c.passed]
+        log.info(
+            f"{key}: done in {time.monotonic() - started:.0f} s; {figures}"
+            + (f"; checks failed: {', '.join(failed)}" if failed else "")
+        )
+        return materialized
 
     return _asset
+
+
+def dvc_yaml() -> str:
+    """dvc.yaml as the assets define it: one stage per asset, its code dependencies the import
+    closure of its stage and asset modules (`dalle3 dvc-yaml` writes it)."""
+    header = (
+        "# Generated by `dalle3 dvc-yaml` from the asset definitions; edit those, not this.\n"
+        "# One stage per Dagster asset. Each command materializes its asset with the Dagster\n"
+        "# CLI; when Dagster materializes an asset itself, it runs `dvc commit <stage>` and\n"
+        "# records the parameters as they ran, so dvc.lock always holds the hash of every asset.\n"
+    )
+    return header + yaml.safe_dump({"stages": DVC_STAGES}, sort_keys=False)

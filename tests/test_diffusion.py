@@ -206,7 +206,7 @@ def test_training_steps_change_the_weights(space: str, manifest: Path, tmp_path:
     log = RecordingLog()
     inputs = Inputs({"mixed_training_set": manifest.parent}, work=tmp_path / "work")
     result = run_stage(diffusion_model.STAGE, cfg, inputs, tmp_path / "out", log)
-    assert result.metadata["steps"] == 2 and result.metrics["train_images_per_s"] > 0
+    assert result.metadata["steps"] == 2 and result.speed["train_images_per_s"] > 0
     assert {"color_accuracy", "position_accuracy", "short_color_accuracy"} <= result.metrics.keys()
     trained = TextToImagePipeline.from_pretrained(tmp_path / "out")
     channels, size = (4, 8) if space == "latent" else (3, 16)

@@ -49,7 +49,7 @@ def test_shapeworld_materializes_with_checks_dvc_and_mlflow(project):
     }
     meta = materialization(result).metadata
     assert meta["samples_per_split"].value == {"train": 64, "labelled": 32, "clip": 32, "eval": 16}
-    assert "data:image/png;base64," in meta["preview"].value
+    assert "data:image/png;base64," in meta["examples"].value
 
     # plain webdataset reads what we wrote
     out = project.storage.asset_dir("raw_pairs")

@@ -80,7 +80,8 @@ def run(cfg: DiffusionConfig, inputs: Inputs, out: Path, log: Log) -> StageResul
     )
     grid.save(out / GRID)
     return StageResult(
-        metrics={**scores, "train_images_per_s": result.samples_per_s},
+        metrics=scores,
+        speed={"train_images_per_s": result.samples_per_s},
         metadata={
             "steps": result.steps,
             "resumed_from_step": result.resumed_from,

@@ -50,7 +50,8 @@ def run(cfg: DistillConfig, inputs: Inputs, out: Path, log: Log) -> StageResult:
     # Teacher above student: the same prompts and seeds.
     both = image_grid([Image.open(teacher_dir / GRID), grid], cols=1, pad=0)
     return StageResult(
-        metrics={**scores, "distill_images_per_s": result.samples_per_s},
+        metrics=scores,
+        speed={"distill_images_per_s": result.samples_per_s},
         metadata={
             "steps": result.steps,
             "resumed_from_step": result.resumed_from,

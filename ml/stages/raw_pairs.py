@@ -22,7 +22,8 @@ def run(cfg: RawPairsConfig, inputs: Inputs, out: Path, log: Log) -> StageResult
     splits = summary.splits
     total = sum(s.samples for s in splits.values())
     return StageResult(
-        metrics={"samples": total, "samples_per_s": total / seconds},
+        metrics={"samples": total},
+        speed={"samples_per_s": total / seconds},
         metadata={
             "samples_per_split": {k: s.samples for k, s in splits.items()},
             "shards": {k: s.shards for k, s in splits.items()},

@@ -62,7 +62,8 @@ def run(cfg: RecaptionConfig, inputs: Inputs, out: Path, log: Log) -> StageResul
         if s.key in rows
     ]
     return StageResult(
-        metrics={"samples": samples, "samples_per_s": samples / max(seconds, 1e-9)},
+        metrics={"samples": samples},
+        speed={"samples_per_s": samples / max(seconds, 1e-9)},
         metadata={
             "shards": names,
             "reused_sidecars": reused,
