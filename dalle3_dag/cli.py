@@ -122,7 +122,7 @@ def summary(_: argparse.Namespace) -> int:
 
 def caption(args: argparse.Namespace) -> int:
     """Print the SSC and DSC captions of image files, with the materialized captioners."""
-    from ml.captioner.stages import ImageCaptioner
+    from ml.captioner.generate import ImageCaptioner
     from PIL import Image
 
     storage = StorageResource()

@@ -212,7 +212,9 @@ def test_whole_graph_runs_from_a_webdataset_folder(project, instance, tmp_path):
         assert not checks[name].passed and checks[name].severity == dg.AssetCheckSeverity.WARN
         assert "no scene graphs" in checks[name].metadata["not_measured"].value
     (ssc,) = result.asset_materializations_for_node("captioner_ssc")
-    assert "main_object_accuracy" not in ssc.metadata and ssc.metadata["mean_words"].value > 0
+    # without scene graphs only the caption length is measured (a barely trained captioner may
+    # still write empty captions)
+    assert "main_object_accuracy" not in ssc.metadata and "mean_words" in ssc.metadata
 
     for shard in sorted(instance.get_dynamic_partitions(SHARDS.name)):
         assert materialize(project, instance, ["recaptioned_dataset"], shard).success
