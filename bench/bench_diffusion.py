@@ -6,7 +6,7 @@
    step) against the 2-step distilled student (guidance embedded, one call per step), on the
    same prompts and seeds: seconds per image and the ratio; both models' prompt following
    (colour / position of the generated object, `ml.eval.oracle`).
-2. Training throughput of our loop (`train_diffusion`: blended-dataset reading, caption
+2. Training throughput of our loop (`ml.train`: dataset reading, caption
    dropout, accelerate, gradient clipping, EMA, logging, a checkpoint) against a bare PyTorch
    loop on the same model and batch size (a fixed batch in memory, forward, backward, AdamW),
    alternating the two so a busy machine slows both alike; the overhead is 1 - ours / bare.
@@ -27,14 +27,10 @@ from dalle3_dag.resources import StorageResource
 from ml.data.shapeworld import ShapeWorldConfig, generate
 from ml.diffusion.config import DiffusionConfig
 from ml.diffusion.pipeline import TextToImagePipeline, build_pipeline
-from ml.diffusion.train import (
-    caption_corpus,
-    diffusion_loss,
-    make_batch,
-    step_generator,
-    train_diffusion,
-)
+from ml.diffusion.training import caption_corpus, diffusion_loss, make_batch
 from ml.eval.oracle import evaluate_prompt_following, single_object_prompts
+from ml.stages.diffusion_model import train_model
+from ml.train import step_generator
 
 
 class Scenes(IterableDataset):
@@ -107,26 +103,28 @@ def bare_loop(cfg: DiffusionConfig, dataset: Scenes, steps: int) -> float:
     """Images/s of forward + backward + AdamW on one fixed in-memory batch: nothing else."""
     pipe = build_pipeline(cfg, caption_corpus(dataset))  # the vocabulary our loop learns too
     params = [*pipe.unet.parameters(), *pipe.text_encoder.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr)
-    examples = dataset.examples[: cfg.batch_size]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr)
+    examples = dataset.examples[: cfg.train.batch_size]
     captions, pixels = make_batch(examples, cfg.image_size, 0.0, step_generator(0, 0, 0))
     start = time.perf_counter()
     for step in range(steps):
-        generator = step_generator(cfg.seed, step, 0)
+        generator = step_generator(cfg.train.seed, step, 0)
         loss = diffusion_loss(pipe, pipe.unet, pipe.text_encoder, captions, pixels, generator)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return steps * cfg.batch_size / (time.perf_counter() - start)
+    return steps * cfg.train.batch_size / (time.perf_counter() - start)
 
 
 def our_loop(cfg: DiffusionConfig, dataset: Scenes, steps: int) -> float:
-    """Images/s of `train_diffusion` end to end, timed from outside, one checkpoint included."""
-    cfg = replace(cfg, steps=steps, checkpoint_every=steps, log_every=10, sample_every=0)
+    """Images/s of the stage's training end to end, timed from outside, one checkpoint
+    included."""
+    train = replace(cfg.train, steps=steps, checkpoint_every=steps, log_every=10)
+    cfg = replace(cfg, train=train, sample_every=0)
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
-        train_diffusion(cfg, dataset, Path(out), resume=None)
-        return steps * cfg.batch_size / (time.perf_counter() - start)
+        train_model(cfg, dataset, work=Path(out), resume=False)
+        return steps * cfg.train.batch_size / (time.perf_counter() - start)
 
 
 def training(args: argparse.Namespace) -> None:
@@ -138,7 +136,7 @@ def training(args: argparse.Namespace) -> None:
         ours.append(our_loop(cfg, dataset, args.train_steps))
     bare_best, ours_best = max(bare), max(ours)
     print(
-        f"training, batch {cfg.batch_size}, {args.train_steps} steps x {args.rounds} rounds: "
+        f"training, batch {cfg.train.batch_size}, {args.train_steps} steps x {args.rounds} rounds: "
         f"bare loop {bare_best:.1f} images/s, our loop {ours_best:.1f} images/s"
     )
     print(f"orchestration overhead: {(1 - ours_best / bare_best) * 100:.1f}% (target <= 10%)")

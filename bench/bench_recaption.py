@@ -14,15 +14,17 @@ from collections.abc import Callable
 
 import torch
 
+from ml.captioner.config import CaptionerConfig
 from ml.captioner.features import clip_features
 from ml.captioner.generate import generate_captions
-from ml.captioner.model import Captioner, CaptionerConfig
-from ml.captioner.stages import fit_to_clip
-from ml.tokenizer import train_tokenizer
+from ml.captioner.model import Captioner
 from ml.captioner.train import train_captioner
-from ml.clip import ClipConfig, build_toy_clip, load_clip, toy_transforms
+from ml.clip import build_toy_clip, load_clip, toy_transforms
+from ml.clip_config import ClipConfig
+from ml.config import TrainConfig
 from ml.data.shapeworld import ShapeWorldConfig, generate
-from ml.train import TrainConfig
+from ml.stages.captioner import fit_to_clip
+from ml.tokenizer import train_tokenizer
 
 
 def parse_args() -> argparse.Namespace:

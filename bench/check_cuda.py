@@ -14,11 +14,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import IterableDataset
 
+from ml.config import TrainConfig
 from ml.data.shapeworld import ShapeWorldConfig, generate
-from ml.diffusion.config import DiffusionConfig
-from ml.diffusion.distill import DistillConfig, distill
+from ml.diffusion.config import DiffusionConfig, DistillConfig
+from ml.diffusion.distill import distill
 from ml.diffusion.pipeline import TextToImagePipeline
-from ml.diffusion.train import train_diffusion
+from ml.stages.diffusion_model import train_model
 
 
 class Scenes(IterableDataset):
@@ -44,26 +45,28 @@ def main() -> None:
         raise SystemExit("no CUDA device")
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     data = Scenes(1024)
-    cfg = DiffusionConfig(
+    train = TrainConfig(
         steps=args.steps, batch_size=64, mixed_precision=args.precision, checkpoint_every=20,
-        sample_every=0, log_every=10,
+        log_every=10, ema_decay=0.995,
     )  # fmt: skip
+    cfg = DiffusionConfig(train=train, sample_every=0)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        logs: list[dict] = []
-        stats = train_diffusion(cfg, data, out / "teacher", lambda s, r: logs.append(r), None)
+        pipe, result = train_model(cfg, data, work=out / "work", resume=False)
+        pipe.save_pretrained(out / "teacher")
         print(
-            f"train: {stats['steps']} steps at batch {cfg.batch_size}, mixed precision "
-            f"{stats['mixed_precision']}, {stats['images_per_s']:.0f} images/s, final loss "
-            f"{stats['final_loss']:.4f}, all losses finite: "
-            f"{all(torch.isfinite(torch.tensor(r['loss'])) for r in logs)}"
+            f"train: {result.steps} steps at batch {train.batch_size}, mixed precision "
+            f"{train.mixed_precision}, {result.samples_per_s:.0f} images/s, final loss "
+            f"{result.final_loss:.4f}, finite: {torch.isfinite(torch.tensor(result.final_loss))}"
         )
-        resumed = train_diffusion(cfg, data, out / "teacher")
-        print(f"rerun resumes from step {resumed['resumed_from']} (checkpoints on CUDA)")
+        _, resumed = train_model(cfg, data, work=out / "work")
+        print(f"rerun resumes from step {resumed.resumed_from} (checkpoints on CUDA)")
 
-        teacher = TextToImagePipeline.from_pretrained(out / "teacher" / "pipeline").to("cuda")
-        dstats = distill(teacher, DistillConfig(steps=20, batch_size=64), data, out / "student")
-        print(f"distill: 20 steps, {dstats['images_per_s']:.0f} images/s")
+        teacher = TextToImagePipeline.from_pretrained(out / "teacher").to("cuda")
+        student_cfg = DistillConfig(train=TrainConfig(steps=20, batch_size=64))
+        student, distilled = distill(teacher, student_cfg, data)
+        student.save_pretrained(out / "student")
+        print(f"distill: 20 steps, {distilled.samples_per_s:.0f} images/s")
 
         student = TextToImagePipeline.from_pretrained(out / "student").to("cuda")
         student.set_progress_bar_config(disable=True)

@@ -122,8 +122,9 @@ def summary(_: argparse.Namespace) -> int:
 
 def caption(args: argparse.Namespace) -> int:
     """Print the SSC and DSC captions of image files, with the materialized captioners."""
-    from ml.captioner.generate import ImageCaptioner
     from PIL import Image
+
+    from ml.captioner.generate import ImageCaptioner
 
     storage = StorageResource()
     needed = ["clip_encoder", "captioner_ssc", "captioner_dsc"]

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-import mlflow
 import yaml
 from pydantic import create_model
 
@@ -98,6 +97,8 @@ class DagsterLog:
         self.context.log.info(message)
 
     def metrics(self, step: int, total: int, values: dict[str, float]) -> None:
+        import mlflow
+
         mlflow.log_metrics(values, step=step)
         now = time.monotonic()
         if self.started is None or step <= self.started[0]:
@@ -116,6 +117,8 @@ class DagsterLog:
         )
 
     def image(self, name: str, image: Any, step: int | None = None) -> None:
+        import mlflow
+
         path = f"{name}/step-{step:06d}.png" if step is not None else f"{name}.png"
         mlflow.log_image(image, path)
 
@@ -190,6 +193,8 @@ def stage_asset(
         mlflow_tracker: MlflowResource,
         dvc: DvcResource,
     ) -> dg.MaterializeResult:
+        import mlflow
+
         overrides = config.model_dump()
         resume = overrides.pop("resume", True)
         cfg, values = resolve(stage.config, key, overrides)

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-import mlflow
 import yaml
 
 from dalle3_dag.project import DVC_REPRO_ENV, PROJECT_DIR
@@ -165,7 +164,9 @@ class MlflowResource(dg.ConfigurableResource):
     @contextmanager
     def start_run(
         self, context: dg.AssetExecutionContext, tags: dict[str, str] | None = None
-    ) -> Iterator[mlflow.ActiveRun]:
+    ) -> Iterator[Any]:
+        import mlflow
+
         mlflow.set_tracking_uri(self.resolved_uri())
         if mlflow.get_experiment_by_name(self.experiment) is None:
             artifacts = (Path(self.project_dir) / "mlartifacts").resolve().as_uri()
@@ -184,6 +185,8 @@ class MlflowResource(dg.ConfigurableResource):
 
     def close_dead_runs(self, key: str) -> list[str]:
         """End as KILLED the RUNNING runs of `key` whose process on this host is gone."""
+        import mlflow
+
         client = mlflow.MlflowClient()
         experiment = mlflow.get_experiment_by_name(self.experiment)
         running = client.search_runs(
@@ -206,6 +209,8 @@ class MlflowResource(dg.ConfigurableResource):
         The folder is registered as it is (safetensors + JSON, loadable by our own one call);
         no pickled MLflow flavour is involved. Returns the version number.
         """
+        import mlflow
+
         mlflow.log_artifacts(str(folder), artifact_path=name)
         client = mlflow.MlflowClient()
         if not client.search_registered_models(filter_string=f"name = '{name}'"):
@@ -217,6 +222,8 @@ class MlflowResource(dg.ConfigurableResource):
     @staticmethod
     def log_config(cfg: Any) -> None:
         """Log a (nested) config dataclass as flat, dotted MLflow params."""
+        import mlflow
+
 
         def flat(prefix: str, value: Any) -> Iterator[tuple[str, Any]]:
             if isinstance(value, dict):

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-import mlflow
 
 from dalle3_dag.resources import (
     DvcResource,
@@ -84,6 +83,8 @@ def staged(
     A rejected version is reported as failed check evaluations and a `dg.Failure` naming the
     folder it was kept in; the MLflow run around it ends FAILED with that path as a tag.
     """
+    import mlflow
+
     stage = Staged(Path())
 
     def audit(folder: Path) -> str | None:
@@ -138,7 +139,7 @@ def close_dead_runs(context: dg.AssetExecutionContext) -> list[str]:
 @contextmanager
 def tracked_run(
     context: dg.AssetExecutionContext, mlflow_tracker: MlflowResource, dvc: DvcResource
-) -> Iterator[mlflow.ActiveRun]:
+) -> Iterator[Any]:
     """An MLflow run tagged with the DVC hashes of the asset's inputs, closed on exit.
 
     First, runs of earlier materializations whose process died are closed as failed.
@@ -167,6 +168,8 @@ def commit(
     `params` are the params.yaml sections as they ran (overrides applied), which dvc.lock
     records. The DVC hash becomes the Dagster data version and a tag of the MLflow run.
     """
+    import mlflow
+
     data_hash = dvc.commit(key, params)
     mirror = storage.publish(key)
     metadata = {"path": dg.MetadataValue.path(str(storage.asset_dir(key))), **metadata}

@@ -1,4 +1,5 @@
-"""Stage configs as typed dataclasses, built from params.yaml sections, run config or files.
+"""Stage configs as typed dataclasses, built from params.yaml sections, run config or files;
+and `TrainConfig`, the `train:` section every training stage shares.
 
 Every field's value is checked against its annotation, so a bad value is an error naming its
 path (`raw_pairs.shard_size: expected an integer`) before any work starts.
@@ -8,12 +9,47 @@ import dataclasses
 import json
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
 T = TypeVar("T")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    """How a stage trains: the `train:` section of every training stage in params.yaml."""
+
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    ema_decay: float = 0.0  # > 0 keeps an EMA of the weights, and the stage ends with it
+    mixed_precision: str = "no"  # fp16 | bf16 on GPUs; CPUs always train in fp32
+    seed: int = 0
+    log_every: int = 25
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(
+                f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}"
+            )
 
 
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

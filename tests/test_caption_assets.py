@@ -15,7 +15,8 @@ from conftest import web_source, write_web_shards
 
 from dalle3_dag import captioner, data, text_to_image
 from dalle3_dag.partitions import SHARDS
-from ml.data.mixed import MixedDataset, MixManifest
+from ml.data.mixed import MixManifest
+from ml.data.mixed_dataset import MixedDataset
 from ml.data.shapeworld import ShapeWorldConfig, generate
 
 MODULES = [data, captioner, text_to_image]

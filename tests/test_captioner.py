@@ -6,13 +6,14 @@ import pytest
 import torch
 from conftest import RecordingLog
 
+from ml.captioner.config import CaptionerConfig
 from ml.captioner.evaluate import evaluate_dsc, evaluate_ssc
 from ml.captioner.generate import generate_captions
-from ml.captioner.model import Captioner, CaptionerConfig
+from ml.captioner.model import Captioner
 from ml.captioner.train import caption_loss, make_batch, train_captioner
+from ml.config import TrainConfig
 from ml.data.shapeworld import SHAPES, Scene, ShapeWorldConfig, descriptive_caption, sample_scene
 from ml.tokenizer import train_tokenizer
-from ml.train import TrainConfig
 
 CAPTIONS = [
     "a red circle",

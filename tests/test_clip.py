@@ -13,10 +13,9 @@ import torch
 from conftest import RecordingLog
 from PIL import Image
 
+from ml.captioner.config import CaptionerConfig
 from ml.captioner.features import clip_features
-from ml.captioner.model import CaptionerConfig
 from ml.clip import (
-    ClipConfig,
     build_toy_clip,
     change_one,
     clip_batch,
@@ -30,10 +29,11 @@ from ml.clip import (
     toy_transforms,
     train_toy_clip,
 )
+from ml.clip_config import ClipConfig
+from ml.config import TrainConfig
 from ml.data.sample import Sample
 from ml.data.shapeworld import SHAPES, Scene, ShapeWorldConfig, generate, visible_colors
 from ml.stages.captioner import fit_to_clip
-from ml.train import TrainConfig
 
 
 def tiny_config(tower: str = "vit", **train: int | float) -> ClipConfig:

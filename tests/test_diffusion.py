@@ -13,14 +13,14 @@ from conftest import RecordingLog
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from ml.config import load_config, to_dict
-from ml.data.mixed import MixedDataset, MixManifest
+from ml.config import TrainConfig, load_config, to_dict
+from ml.data.mixed import MixManifest
+from ml.data.mixed_dataset import MixedDataset
 from ml.data.recaption import recaption_shard
 from ml.data.shapeworld import ShapeWorldConfig, generate
 from ml.data.shards import write_shards
-from ml.diffusion.config import DiffusionConfig
+from ml.diffusion.config import DiffusionConfig, DistillConfig
 from ml.diffusion.distill import (
-    DistillConfig,
     NoiseSchedule,
     build_student,
     consistency_function,
@@ -35,7 +35,6 @@ from ml.diffusion.pipeline import (
 from ml.diffusion.training import caption_corpus
 from ml.stage import Inputs, run_stage
 from ml.stages import diffusion_model
-from ml.train import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = DiffusionConfig(

@@ -12,11 +12,11 @@ from torch.utils.data import DataLoader
 
 from ml.data.mixed import (
     SOURCES,
-    MixedDataset,
     MixManifest,
     choose_caption,
     mix_stats,
 )
+from ml.data.mixed_dataset import MixedDataset
 from ml.data.recaption import recaption_shard
 from ml.data.shapeworld import ShapeWorldConfig, generate
 from ml.data.shards import write_shards
@@ -180,7 +180,7 @@ def test_fewer_shards_than_slots_still_keeps_every_slot_busy(
     for rank in range(2):
         for worker in range(2):
             info = SimpleNamespace(num_workers=2, id=worker)
-            monkeypatch.setattr("ml.data.mixed.get_worker_info", lambda info=info: info)
+            monkeypatch.setattr("ml.data.mixed_dataset.get_worker_info", lambda info=info: info)
             dataset = MixedDataset(few_shards, transform=keys_only, rank=rank, world_size=2)
             per_slot.append([item["key"] for item in dataset])
     sizes = [len(keys) for keys in per_slot]

@@ -14,7 +14,7 @@ import yaml
 from conftest import SMALL_PARAMS
 from safetensors.torch import load_file
 
-from ml.config import build_config
+from ml.config import TrainConfig, build_config
 from ml.stage import Inputs, run_stage
 from ml.stages import (
     captioner,
@@ -25,7 +25,7 @@ from ml.stages import (
     raw_pairs,
 )
 from ml.stages import recaptioned_dataset as recaptioned
-from ml.train import TrainConfig, checkpoint_steps, lr_lambda
+from ml.train import checkpoint_steps, lr_lambda
 
 REPO = Path(__file__).resolve().parents[1]
 # Small enough to train in seconds, long enough to be killed after the first checkpoint.

@@ -13,8 +13,9 @@ import torch
 from torch.nn import functional as F
 
 from ml.captioner.model import Captioner
+from ml.config import TrainConfig
 from ml.stage import NO_LOG, Log
-from ml.train import Shuffled, TrainConfig, TrainResult, train
+from ml.train import Shuffled, TrainResult, train
 
 IGNORE = -100  # cross_entropy's ignore_index
 

@@ -1,5 +1,6 @@
-"""The text-to-image model's configuration: T5 encoder + U-Net diffusion, how it trains and
-how it is scored.
+"""The text-to-image stages' configs: the T5 encoder + U-Net diffusion model, its consistency
+distillation, how each trains and how each is scored. Apart from the model code, so the
+Dagster code location reads them without torch.
 
 The defaults are the toy profile, sized by measurement on a 2-core CPU (docs/benchmarks.md,
 "Design measurements"); a real profile sets `text_encoder_path` (a pretrained T5, frozen),
@@ -8,8 +9,8 @@ The defaults are the toy profile, sized by measurement on a 2-core CPU (docs/ben
 
 from dataclasses import dataclass, field
 
+from ml.config import TrainConfig
 from ml.eval.oracle import PromptFollowingConfig
-from ml.train import TrainConfig
 
 TOKENIZERS = ("bpe", "byte")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -98,3 +99,38 @@ class DiffusionConfig:
             raise ValueError(
                 f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}"
             )
+
+
+def _toy_distill() -> TrainConfig:
+    return TrainConfig(
+        steps=600, batch_size=16, lr=2e-4, warmup_steps=20, log_every=10, checkpoint_every=100
+    )
+
+
+@dataclass
+class DistillConfig:
+    """How the student learns and how it is scored; the defaults are the toy profile's."""
+
+    num_ddim_timesteps: int = 50  # the teacher's solver skeleton: one step skips 1000 / 50
+    guidance_min: float = 1.0  # the guidance scales w the student learns to imitate
+    guidance_max: float = 5.0
+    guidance_embedding_dim: int = 64
+    target_ema_decay: float = 0.95
+    huber_c: float = 0.001
+    timestep_scaling: float = 10.0  # sharpens the boundary scalings around t = 0, as in LCM
+    train: TrainConfig = field(default_factory=_toy_distill)
+    eval: PromptFollowingConfig = field(
+        default_factory=lambda: PromptFollowingConfig(sampling_steps=2)
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("num_ddim_timesteps", "guidance_embedding_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 1.0 <= self.guidance_min <= self.guidance_max:
+            raise ValueError(
+                f"need 1 <= guidance_min <= guidance_max, got {self.guidance_min}, "
+                f"{self.guidance_max}"
+            )
+        if not 0 < self.target_ema_decay < 1:
+            raise ValueError(f"target_ema_decay must be in (0, 1), got {self.target_ema_decay}")

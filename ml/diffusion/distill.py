@@ -18,7 +18,7 @@ layout with an `LCMScheduler`, so the same pipeline class loads and samples it.
 """
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,48 +26,13 @@ import torch
 from diffusers import LCMScheduler, UNet2DConditionModel
 from torch.utils.data import IterableDataset
 
+from ml.diffusion.config import DistillConfig
 from ml.diffusion.pipeline import TextToImagePipeline, encode_prompts, guided, predict_noise
 from ml.diffusion.training import make_batch
-from ml.eval.oracle import PromptFollowingConfig
 from ml.stage import NO_LOG, Log
-from ml.train import Streamed, TrainConfig, TrainResult, train
+from ml.train import Streamed, TrainResult, train
 
 SIGMA_DATA = 0.5  # the data scale the boundary scalings assume (Karras et al., LCM)
-
-
-def _toy_train() -> TrainConfig:
-    return TrainConfig(
-        steps=600, batch_size=16, lr=2e-4, warmup_steps=20, log_every=10, checkpoint_every=100
-    )
-
-
-@dataclass
-class DistillConfig:
-    """How the student learns and how it is scored; the defaults are the toy profile's."""
-
-    num_ddim_timesteps: int = 50  # the teacher's solver skeleton: one step skips 1000 / 50
-    guidance_min: float = 1.0  # the guidance scales w the student learns to imitate
-    guidance_max: float = 5.0
-    guidance_embedding_dim: int = 64
-    target_ema_decay: float = 0.95
-    huber_c: float = 0.001
-    timestep_scaling: float = 10.0  # sharpens the boundary scalings around t = 0, as in LCM
-    train: TrainConfig = field(default_factory=_toy_train)
-    eval: PromptFollowingConfig = field(
-        default_factory=lambda: PromptFollowingConfig(sampling_steps=2)
-    )
-
-    def __post_init__(self) -> None:
-        for name in ("num_ddim_timesteps", "guidance_embedding_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 1.0 <= self.guidance_min <= self.guidance_max:
-            raise ValueError(
-                f"need 1 <= guidance_min <= guidance_max, got {self.guidance_min}, "
-                f"{self.guidance_max}"
-            )
-        if not 0 < self.target_ema_decay < 1:
-            raise ValueError(f"target_ema_decay must be in (0, 1), got {self.target_ema_decay}")
 
 
 def boundary_scalings(

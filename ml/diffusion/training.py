@@ -10,7 +10,7 @@ from PIL import Image
 from torch.nn import functional as F
 from torch.utils.data import IterableDataset
 
-from ml.data.mixed import MixedDataset
+from ml.data.mixed_dataset import MixedDataset
 from ml.diffusion.config import DiffusionConfig
 from ml.diffusion.pipeline import TextToImagePipeline, encode_prompts, predict_noise
 from ml.viz import image_grid

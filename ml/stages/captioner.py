@@ -7,43 +7,20 @@ The CLIP stays frozen throughout: its features are computed once per image.
     python -m ml.stages.captioner --stage captioner_dsc --config c.yaml --out DIR
 """
 
-import copy
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
+from typing import Any
 
-import torch
-from PIL import Image
-
-from ml.captioner.evaluate import evaluate_captions
-from ml.captioner.features import clip_features, encode_with_tokens
-from ml.captioner.generate import ImageCaptioner
-from ml.captioner.model import Captioner, CaptionerConfig
-from ml.captioner.train import train_captioner
-from ml.clip import Preprocess, load_clip
-from ml.data.raw_pairs import load_split
+from ml.captioner.config import CaptionerConfig, CaptionerStageConfig
 from ml.data.sample import Sample
 from ml.stage import Inputs, Log, Stage, StageResult, main
-from ml.tokenizer import train_tokenizer
-from ml.train import TrainConfig
-from ml.viz import image_grid
 
 KINDS = ("base", "ssc", "dsc")
 CAPTION_FIELDS = {"ssc": "short_caption", "dsc": "descriptive_caption"}
 TRAIN_SPLIT = {"base": "train", "ssc": "labelled", "dsc": "labelled"}
 PREVIEW = 12
-
-
-@dataclass
-class CaptionerStageConfig:
-    """One stage's training; `model` and `vocab_size` only shape the base (fine-tunes inherit)."""
-
-    train: TrainConfig = field(default_factory=TrainConfig)
-    model: CaptionerConfig = field(default_factory=CaptionerConfig)
-    vocab_size: int = 512
-    max_new_tokens: int = 80
-    patch_tokens: bool = True  # also condition on the CLIP's grid of image tokens
 
 
 def stage_captions(kind: str, samples: Sequence[Sample]) -> list[str]:
@@ -59,9 +36,14 @@ def stage_captions(kind: str, samples: Sequence[Sample]) -> list[str]:
 
 
 def fit_to_clip(
-    model_cfg: CaptionerConfig, clip: torch.nn.Module, preprocess: Preprocess, patch_tokens: bool
+    model_cfg: CaptionerConfig, clip: Any, preprocess: Callable, patch_tokens: bool
 ) -> CaptionerConfig:
     """The captioner's input widths, read off the CLIP itself, whatever its architecture."""
+    import torch
+    from PIL import Image
+
+    from ml.captioner.features import encode_with_tokens
+
     with torch.no_grad():
         pooled, tokens = encode_with_tokens(clip, preprocess(Image.new("RGB", (32, 32)))[None])
     if not patch_tokens:
@@ -73,6 +55,20 @@ def fit_to_clip(
 def run(kind: str, cfg: CaptionerStageConfig, inputs: Inputs, out: Path, log: Log) -> StageResult:
     """Train one captioner (base from scratch, ssc/dsc from a copy of base) and caption the
     held-out images with it, loaded the way users load it."""
+    import copy
+
+    import torch
+
+    from ml.captioner.evaluate import evaluate_captions
+    from ml.captioner.features import clip_features
+    from ml.captioner.generate import ImageCaptioner
+    from ml.captioner.model import Captioner
+    from ml.captioner.train import train_captioner
+    from ml.clip import load_clip
+    from ml.data.raw_pairs import load_split
+    from ml.tokenizer import train_tokenizer
+    from ml.viz import image_grid
+
     raw, clip_dir = inputs["raw_pairs"], inputs["clip_encoder"]
     samples = load_split(raw, TRAIN_SPLIT[kind])
     captions = stage_captions(kind, samples)

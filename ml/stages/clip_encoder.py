@@ -9,20 +9,15 @@ on the `eval` split, loaded the way users load it.
 
 from pathlib import Path
 
-from ml.clip import (
-    ClipConfig,
-    load_clip,
-    pairwise_preference,
-    retrieval_recall,
-    save_clip,
-    train_toy_clip,
-)
-from ml.data.raw_pairs import load_split
-from ml.data.shapeworld import scene_of
+from ml.clip_config import ClipConfig
 from ml.stage import Inputs, Log, Stage, StageResult, main
 
 
 def run(cfg: ClipConfig, inputs: Inputs, out: Path, log: Log) -> StageResult:
+    from ml.clip import load_clip, pairwise_preference, retrieval_recall, save_clip, train_toy_clip
+    from ml.data.raw_pairs import load_split
+    from ml.data.shapeworld import scene_of
+
     raw = inputs["raw_pairs"]
     if cfg.source == "toy":
         samples = load_split(raw, "clip")

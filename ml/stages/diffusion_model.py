@@ -8,24 +8,11 @@ prompt following, loaded the way users load it.
 """
 
 from pathlib import Path
+from typing import Any
 
-import torch
-
-from ml.data.mixed import MixedDataset, MixManifest
 from ml.diffusion.config import DiffusionConfig
-from ml.diffusion.pipeline import TextToImagePipeline, build_pipeline
-from ml.diffusion.training import (
-    caption_corpus,
-    diffusion_loss,
-    make_batch,
-    needs_corpus,
-    sample_grid,
-)
-from ml.eval.oracle import score_text_to_image
-from ml.stage import Inputs, Log, Stage, StageResult, main
-from ml.train import Streamed, train
+from ml.stage import NO_LOG, Inputs, Log, Stage, StageResult, main
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MANIFEST = "manifest.json"
 GRID = "prompt_following.png"
 # The fixed prompts whose samples show training go.
@@ -41,20 +28,42 @@ SAMPLE_PROMPTS = [
 ]
 
 
-def run(cfg: DiffusionConfig, inputs: Inputs, out: Path, log: Log) -> StageResult:
-    manifest = inputs["mixed_training_set"] / MANIFEST
-    dataset = MixedDataset(MixManifest.load(manifest))
+def device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def train_model(
+    cfg: DiffusionConfig,
+    dataset: Any,
+    log: Log = NO_LOG,
+    work: Path | None = None,
+    resume: bool = True,
+) -> tuple[Any, Any]:
+    """(the trained pipeline with its EMA weights, the loop's `TrainResult`) on `dataset`, a
+    `MixedDataset` or any dataset with `set_epoch` yielding {"image", "caption"}."""
+    from ml.diffusion.pipeline import build_pipeline
+    from ml.diffusion.training import (
+        caption_corpus,
+        diffusion_loss,
+        make_batch,
+        needs_corpus,
+        sample_grid,
+    )
+    from ml.train import Streamed, train
+
     pipe = build_pipeline(cfg, caption_corpus(dataset) if needs_corpus(cfg) else ())
     pipe.set_progress_bar_config(disable=True)
     trained = [pipe.unet] + ([pipe.text_encoder] if cfg.train_text_encoder else [])
-    pipe.to(DEVICE)
+    pipe.to(device())
 
-    def loss_fn(modules: list[torch.nn.Module], batch, generator: torch.Generator) -> torch.Tensor:
+    def loss_fn(modules: list[Any], batch: Any, generator: Any) -> Any:
         captions, pixels = batch
         text_encoder = modules[1] if cfg.train_text_encoder else pipe.text_encoder
         return diffusion_loss(pipe, modules[0], text_encoder, captions, pixels, generator)
 
-    def after_step(step: int, ema_weights) -> None:
+    def after_step(step: int, ema_weights: Any) -> None:
         if cfg.sample_every and step % cfg.sample_every == 0:
             with ema_weights():
                 log.image("samples", sample_grid(pipe, SAMPLE_PROMPTS, cfg.train.seed), step)
@@ -62,22 +71,27 @@ def run(cfg: DiffusionConfig, inputs: Inputs, out: Path, log: Log) -> StageResul
     batches = Streamed(
         dataset,
         cfg.train.batch_size,
-        lambda examples, generator: make_batch(
-            examples, cfg.image_size, cfg.caption_dropout, generator
-        ),
+        lambda examples, gen: make_batch(examples, cfg.image_size, cfg.caption_dropout, gen),
         cfg.num_workers,
     )
+    result = train(trained, loss_fn, batches, cfg.train, log, work, resume, after_step=after_step)
+    return pipe, result
+
+
+def run(cfg: DiffusionConfig, inputs: Inputs, out: Path, log: Log) -> StageResult:
+    from ml.data.mixed import MixManifest
+    from ml.data.mixed_dataset import MixedDataset
+    from ml.diffusion.pipeline import TextToImagePipeline
+    from ml.eval.oracle import score_text_to_image
+
+    dataset = MixedDataset(MixManifest.load(inputs["mixed_training_set"] / MANIFEST))
     log.info(f"diffusion_model: {cfg.train.steps} steps of {cfg.train.batch_size} images")
-    result = train(
-        trained, loss_fn, batches, cfg.train, log, inputs.checkpoints(cfg), inputs.resume,
-        after_step=after_step,
-    )  # fmt: skip
+    pipe, result = train_model(cfg, dataset, log, inputs.checkpoints(cfg), inputs.resume)
     if result.resumed_from is not None:
         log.info(f"resumed from the checkpoint at step {result.resumed_from}")
     pipe.save_pretrained(out)
-    scores, grid = score_text_to_image(
-        TextToImagePipeline.from_pretrained(out).to(DEVICE), cfg.eval
-    )
+    saved = TextToImagePipeline.from_pretrained(out).to(device())
+    scores, grid = score_text_to_image(saved, cfg.eval)
     grid.save(out / GRID)
     return StageResult(
         metrics=scores,

@@ -10,22 +10,23 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-from PIL import Image
-
-from ml.data.mixed import MixedDataset, MixManifest
-from ml.diffusion.distill import DistillConfig, distill
-from ml.diffusion.pipeline import TextToImagePipeline
-from ml.eval.oracle import score_text_to_image
+from ml.diffusion.config import DistillConfig
 from ml.stage import CONFIG_FILE, Inputs, Log, Stage, StageResult, main, read_metrics
-from ml.viz import image_grid
+from ml.stages.diffusion_model import GRID, MANIFEST, device
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-GRID = "prompt_following.png"
 COMPARED = ("color_accuracy", "position_accuracy")
 
 
 def run(cfg: DistillConfig, inputs: Inputs, out: Path, log: Log) -> StageResult:
+    from PIL import Image
+
+    from ml.data.mixed import MixManifest
+    from ml.data.mixed_dataset import MixedDataset
+    from ml.diffusion.distill import distill
+    from ml.diffusion.pipeline import TextToImagePipeline
+    from ml.eval.oracle import score_text_to_image
+    from ml.viz import image_grid
+
     teacher_dir = inputs["diffusion_model"]
     if not (teacher_dir / "model_index.json").is_file():
         raise FileNotFoundError(f"no diffusion model at {teacher_dir}")
@@ -36,13 +37,13 @@ def run(cfg: DistillConfig, inputs: Inputs, out: Path, log: Log) -> StageResult:
             f"distilled_model.eval must score the teacher's prompts the teacher's way (all but "
             f"sampling_steps equal): {ours} != diffusion_model.eval {taught}"
         )
-    teacher = TextToImagePipeline.from_pretrained(teacher_dir).to(DEVICE)
-    dataset = MixedDataset(MixManifest.load(inputs["mixed_training_set"] / "manifest.json"))
+    teacher = TextToImagePipeline.from_pretrained(teacher_dir).to(device())
+    dataset = MixedDataset(MixManifest.load(inputs["mixed_training_set"] / MANIFEST))
     log.info(f"distilled_model: {cfg.train.steps} steps of {cfg.train.batch_size} images")
     student, result = distill(teacher, cfg, dataset, log, inputs.checkpoints(cfg), inputs.resume)
     student.save_pretrained(out)
     scores, grid = score_text_to_image(
-        TextToImagePipeline.from_pretrained(out).to(DEVICE), cfg.eval
+        TextToImagePipeline.from_pretrained(out).to(device()), cfg.eval
     )
     grid.save(out / GRID)
     teacher_scores = read_metrics(teacher_dir)

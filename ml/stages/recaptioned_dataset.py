@@ -11,7 +11,6 @@ missing. The shards to caption are the stage's partitions (default: every shard)
 import itertools
 from pathlib import Path
 
-from ml.captioner.generate import ImageCaptioner
 from ml.config import to_dict
 from ml.data.recaption import RecaptionConfig, read_sidecar, recaption_shard
 from ml.data.shards import ReadStats, read_shard
@@ -24,6 +23,8 @@ EXAMPLES = 6
 
 
 def run(cfg: RecaptionConfig, inputs: Inputs, out: Path, log: Log) -> StageResult:
+    from ml.captioner.generate import ImageCaptioner
+
     train = inputs["raw_pairs"] / "train"
     names = inputs.partitions or sorted(p.stem for p in train.glob("*.tar"))
     shards = [train / f"{name}.tar" for name in names]
