@@ -91,31 +91,63 @@ def train_toy_clip(
     images = torch.stack([preprocess(s.image) for s in samples])
     fixed = [reference_caption(s) for s in samples]
 
-    def loss_fn(
-        modules: list[torch.nn.Module],
-        batch: tuple[torch.Tensor, torch.Tensor],
-        generator: torch.Generator,
-    ) -> torch.Tensor:
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-        device = model.logit_scale.device
-        pixels, token_ids = (t.to(device) for t in batch)
-        image_features, text_features, logit_scale = modules[0](pixels, token_ids)
-        n = len(pixels)
-        positives, negatives = text_features[:n], text_features[n:]
-        labels = torch.arange(n, device=device)
-        image_logits = logit_scale * image_features @ torch.cat([positives, negatives]).T
-        text_logits = logit_scale * positives @ image_features.T
-        return (F.cross_entropy(image_logits, labels) + F.cross_entropy(text_logits, labels)) / 2
-
     batches = Shuffled(
         len(samples),
         cfg.train.batch_size,
         cfg.train.seed,
         lambda index, gen: clip_batch(images, scenes, fixed, tokenizer, cfg, index, gen),
     )
-    train([model], loss_fn, batches, cfg.train, log, work, resume)
+    train([ContrastiveLoss(model)], lambda modules, batch, _: modules[0](*batch), batches,
+          cfg.train, log, work, resume)  # fmt: skip
     return model
+
+
+class ContrastiveLoss(torch.nn.Module):
+    """The CLIP loss of a batch of images, their captions and (optionally) one hard negative
+    caption each, as one module so that DDP sees one forward.
+
+    The text tower runs on length-sorted chunks, each cut to its own longest caption. Causal
+    attention and pooling at the end-of-text token make what follows a caption irrelevant to
+    its embedding, so this is the maths of open_clip's `encode_text` over all 64 positions,
+    without the padding's share of the compute.
+    """
+
+    def __init__(self, model: open_clip.CLIP, chunks: int = 4) -> None:
+        super().__init__()
+        if model.text_pool_type != "argmax":
+            raise ValueError(f"needs end-of-text pooling, got {model.text_pool_type!r}")
+        self.model, self.chunks = model, chunks
+
+    def encode_text(self, token_ids: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        lengths = token_ids.argmax(dim=-1) + 1  # the end-of-text token has the highest id
+        features = []
+        order = lengths.argsort()
+        for chunk in order.chunk(self.chunks):
+            n = int(lengths[chunk].max())
+            ids = token_ids[chunk, :n]
+            x = m.token_embedding(ids) + m.positional_embedding[:n]
+            x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask[:n, :n]))
+            x = x[torch.arange(len(ids), device=x.device), ids.argmax(dim=-1)]
+            projection = m.text_projection
+            linear = isinstance(projection, torch.nn.Linear)
+            features.append(projection(x) if linear else x @ projection)
+        return F.normalize(torch.cat(features)[order.argsort()], dim=-1)
+
+    def forward(self, pixels: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        with torch.no_grad():
+            m.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        device = m.logit_scale.device
+        image_features = m.encode_image(pixels.to(device), normalize=True)
+        text_features = self.encode_text(token_ids.to(device))
+        logit_scale = m.logit_scale.exp()
+        n = len(pixels)
+        positives, negatives = text_features[:n], text_features[n:]
+        labels = torch.arange(n, device=device)
+        image_logits = logit_scale * image_features @ torch.cat([positives, negatives]).T
+        text_logits = logit_scale * positives @ image_features.T
+        return (F.cross_entropy(image_logits, labels) + F.cross_entropy(text_logits, labels)) / 2
 
 
 def clip_batch(

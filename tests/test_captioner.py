@@ -10,7 +10,13 @@ from ml.captioner.config import CaptionerConfig
 from ml.captioner.evaluate import evaluate_dsc, evaluate_ssc
 from ml.captioner.generate import generate_captions
 from ml.captioner.model import Captioner
-from ml.captioner.train import caption_loss, make_batch, train_captioner
+from ml.captioner.train import (
+    caption_loss,
+    make_batch,
+    micro_batch_loss,
+    micro_batches,
+    train_captioner,
+)
 from ml.config import TrainConfig
 from ml.data.shapeworld import SHAPES, Scene, ShapeWorldConfig, descriptive_caption, sample_scene
 from ml.tokenizer import train_tokenizer
@@ -82,6 +88,27 @@ def test_labels_at_prefix_positions_do_not_change_the_loss() -> None:
         assert torch.equal(caption_loss(model, batch), loss)
         batch.labels[0, prefix + 2] = 5  # ...while a caption label does count
         assert not torch.equal(caption_loss(model, batch), loss)
+
+
+def test_length_sorted_micro_batches_give_the_batch_loss_and_gradient() -> None:
+    """Less padding, same maths: the pieces' summed loss is the whole batch's token mean."""
+    model = tiny_captioner().eval()
+    feats = features(len(CAPTIONS))
+
+    def gradients(loss: torch.Tensor) -> tuple[float, list[torch.Tensor]]:
+        model.zero_grad()
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    pieces = micro_batches(model, feats, CAPTIONS, parts=3)
+    assert len(pieces) == 3
+    whole = make_batch(model, feats, CAPTIONS)
+    assert sum(p.input_ids.numel() for p in pieces) < whole.input_ids.numel()
+    loss, ours = gradients(micro_batch_loss(model, pieces))
+    want, theirs = gradients(caption_loss(model, whole))
+    assert loss == pytest.approx(want, rel=1e-6)
+    errors = [((a - b).norm() / b.norm()).item() for a, b in zip(ours, theirs, strict=True)]
+    assert max(errors) < 2e-6
 
 
 def test_training_drives_the_loss_down_and_memorises_captions(memorised) -> None:
