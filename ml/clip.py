@@ -7,9 +7,7 @@ open_clip's own local-dir layout, so `open_clip.create_model_and_transforms('loc
 loads it with no code from this project.
 """
 
-import json
 import math
-import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -21,11 +19,12 @@ import torch.nn.functional as F
 from open_clip.model import set_model_preprocess_cfg
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 from ml.clip_config import ClipConfig
 from ml.data.sample import Sample
 from ml.data.shapeworld import SHAPES, Scene, descriptive_caption, scene_of, visible_colors
+from ml.files import write_atomic, write_json
 from ml.stage import NO_LOG, Log
 from ml.train import Shuffled, train
 
@@ -201,8 +200,8 @@ def _shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> 
 def save_clip(model: open_clip.CLIP, cfg: ClipConfig, out_dir: Path) -> None:
     """Write `model` in open_clip's local-dir layout: a JSON config and safetensors weights.
 
-    Weights go first and the config last, each through a temp file and a rename, so a folder
-    with a config always has the weights that belong to it.
+    Weights go first and the config last, each written atomically, so a folder with a config
+    always has the weights that belong to it.
     """
     model_cfg = (
         cfg.model_cfg() if cfg.source == "toy" else open_clip.get_model_config(cfg.model_name)
@@ -210,13 +209,8 @@ def save_clip(model: open_clip.CLIP, cfg: ClipConfig, out_dir: Path) -> None:
     preprocess_cfg = dict(model.visual.preprocess_cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    temp = out_dir / (WEIGHTS_FILE + ".tmp")  # open_clip looks for *.safetensors: not this
-    save_file(weights, str(temp))
-    os.replace(temp, out_dir / WEIGHTS_FILE)
-    config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
-    temp = out_dir / (CONFIG_FILE + ".tmp")
-    temp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    os.replace(temp, out_dir / CONFIG_FILE)
+    write_atomic(out_dir / WEIGHTS_FILE, safetensors_bytes(weights))
+    write_json(out_dir / CONFIG_FILE, {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg})
 
 
 def load_clip(source: str | Path | ClipConfig) -> tuple[open_clip.CLIP, Preprocess, Tokenizer]:
@@ -281,28 +275,6 @@ def reference_caption(sample: Sample) -> str:
     return sample.meta.get("descriptive_caption") or sample.text
 
 
-def retrieval_recall(
-    model: open_clip.CLIP,
-    preprocess: Preprocess,
-    tokenizer: Tokenizer,
-    samples: Sequence[Sample],
-    ks: Sequence[int] = (1, 5),
-) -> dict[str, float]:
-    """Image-to-text recall@k among the samples' reference captions, with chance = k/N."""
-    images = encode_images(model, preprocess, [s.image for s in samples])
-    texts = encode_texts(model, tokenizer, [reference_caption(s) for s in samples])
-    similarity = images @ texts.T
-    # Rank of the true caption: how many other captions score at least as high. Counting ties
-    # against the model keeps a collapsed one (all embeddings equal) at zero recall.
-    rank = (similarity >= similarity.diagonal()[:, None]).sum(dim=1) - 1
-    n = len(samples)
-    metrics: dict[str, float] = {}
-    for k in ks:
-        metrics[f"recall@{k}"] = (rank < k).float().mean().item()
-        metrics[f"chance@{k}"] = min(k, n) / n
-    return metrics
-
-
 def change_one(scene: Scene, rng: random.Random, attribute: str) -> Scene:
     """The same scene with one object's `attribute` ('color' or 'shape') changed; a new colour
     is one that still shows on the background."""
@@ -316,31 +288,3 @@ def change_one(scene: Scene, rng: random.Random, attribute: str) -> Scene:
         raise ValueError(f"attribute must be 'color' or 'shape', got {attribute!r}")
     changed = replace(obj, **{attribute: rng.choice(choices)})
     return replace(scene, objects=scene.objects[:i] + (changed,) + scene.objects[i + 1 :])
-
-
-def pairwise_preference(
-    model: open_clip.CLIP,
-    preprocess: Preprocess,
-    tokenizer: Tokenizer,
-    samples: Sequence[Sample],
-    attribute: str = "color",
-    seed: int = 0,
-) -> float:
-    """Fraction of images that score their true descriptive caption above the caption of the
-    same scene with one object's `attribute` ('color' or 'shape') changed.
-
-    Both captions are written with the same seeded template and object order, so they differ
-    in that one word only and sentence form cannot decide the comparison.
-    """
-    true_captions, false_captions = [], []
-    for s in samples:
-        scene = Scene.from_dict(s.meta["scene"])
-        rng = random.Random(f"{seed}/{s.key}")
-        false_scene = change_one(scene, rng, attribute)
-        caption_seed = rng.random()
-        true_captions.append(descriptive_caption(scene, random.Random(caption_seed)))
-        false_captions.append(descriptive_caption(false_scene, random.Random(caption_seed)))
-    images = encode_images(model, preprocess, [s.image for s in samples])
-    true_score = (images * encode_texts(model, tokenizer, true_captions)).sum(dim=1)
-    false_score = (images * encode_texts(model, tokenizer, false_captions)).sum(dim=1)
-    return (true_score > false_score).float().mean().item()

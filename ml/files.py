@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import IO, Any
 
@@ -30,12 +29,6 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 def write_json(path: Path, value: Any) -> None:
     write_atomic(Path(path), (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
-
-
-def replace_dir(staged: Path, final: Path) -> None:
-    """Move a completely written folder into place, replacing what was there."""
-    shutil.rmtree(final, ignore_errors=True)
-    staged.rename(final)
 
 
 def split_s3(uri: str) -> tuple[str, str]:

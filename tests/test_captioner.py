@@ -7,7 +7,6 @@ import torch
 from conftest import RecordingLog
 
 from ml.captioner.config import CaptionerConfig
-from ml.captioner.evaluate import evaluate_dsc, evaluate_ssc
 from ml.captioner.generate import generate_captions
 from ml.captioner.model import Captioner
 from ml.captioner.train import (
@@ -19,6 +18,7 @@ from ml.captioner.train import (
 )
 from ml.config import TrainConfig
 from ml.data.shapeworld import SHAPES, Scene, ShapeWorldConfig, descriptive_caption, sample_scene
+from ml.eval.captions import evaluate_dsc, evaluate_ssc
 from ml.tokenizer import train_tokenizer
 
 CAPTIONS = [

@@ -24,9 +24,7 @@ from ml.clip import (
     encode_images,
     encode_texts,
     load_clip,
-    pairwise_preference,
     reference_caption,
-    retrieval_recall,
     save_clip,
     toy_transforms,
     train_toy_clip,
@@ -35,6 +33,7 @@ from ml.clip_config import ClipConfig
 from ml.config import TrainConfig
 from ml.data.sample import Sample
 from ml.data.shapeworld import SHAPES, Scene, ShapeWorldConfig, generate, visible_colors
+from ml.eval.clip_scores import pairwise_preference, retrieval_recall
 from ml.stages.captioner import fit_to_clip
 
 

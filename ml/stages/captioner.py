@@ -59,13 +59,13 @@ def run(kind: str, cfg: CaptionerStageConfig, inputs: Inputs, out: Path, log: Lo
 
     import torch
 
-    from ml.captioner.evaluate import evaluate_captions
     from ml.captioner.features import clip_features
     from ml.captioner.generate import ImageCaptioner
     from ml.captioner.model import Captioner
     from ml.captioner.train import train_captioner
     from ml.clip import load_clip
     from ml.data.raw_pairs import load_split
+    from ml.eval.captions import evaluate_captions
     from ml.tokenizer import train_tokenizer
     from ml.viz import image_grid
 

@@ -14,9 +14,10 @@ from ml.stage import Inputs, Log, Stage, StageResult, main
 
 
 def run(cfg: ClipConfig, inputs: Inputs, out: Path, log: Log) -> StageResult:
-    from ml.clip import load_clip, pairwise_preference, retrieval_recall, save_clip, train_toy_clip
+    from ml.clip import load_clip, save_clip, train_toy_clip
     from ml.data.raw_pairs import load_split
     from ml.data.shapeworld import scene_of
+    from ml.eval.clip_scores import pairwise_preference, retrieval_recall
 
     raw = inputs["raw_pairs"]
     if cfg.source == "toy":
