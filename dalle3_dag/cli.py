@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 from dalle3_dag.resources import DvcResource, MlflowResource, StorageResource
@@ -17,6 +18,8 @@ DAGSTER_JOB = [DAGSTER_BIN, "job", "execute", "-m", "dalle3_dag.definitions", "-
 # A line of Dagster's console log: time, level, then " - "-separated fields, message last.
 RECORD = re.compile(r"^\S+ (\d\d:\d\d:\d\d) \S+ - dagster - ([A-Z]+) - (.*)$")
 QUIET = ("DEBUG",)
+# Lines of a record shown with it (tracebacks); other lines between records only go to the log.
+LOUD = ("WARNING", "ERROR", "CRITICAL")
 
 
 class RunLog:
@@ -26,32 +29,34 @@ class RunLog:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path, self.file = path, open(path, "a")  # noqa: SIM115
-        self.showing = True
+        self.loud = False
 
     def command(self, cmd: list[str], what: str) -> None:
         print(f"$ {Path(cmd[0]).name} {' '.join(cmd[1:])}", flush=True)
         self.file.write(f"$ {' '.join(cmd)}\n")
-        started = time.monotonic()
+        started, last = time.monotonic(), deque(maxlen=40)
         with subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
         ) as proc:
             for line in proc.stdout:
                 self.file.write(line)
+                last.append(line)
                 self.show(line.rstrip("\n"))
         self.file.flush()
         if proc.returncode != 0:
+            print("".join(last), end="", flush=True)
             raise SystemExit(f"{what} failed (full log: {self.path})")
         print(f"  {what}: done in {time.monotonic() - started:.0f} s", flush=True)
 
     def show(self, line: str) -> None:
         record = RECORD.match(line)
-        if record is None:  # a continuation line: shown with the record it belongs to
-            if self.showing and line.strip():
+        if record is None:  # a continuation line: shown with a warning or error it belongs to
+            if self.loud and line.strip():
                 print(f"    {line}", flush=True)
             return
         clock, level, rest = record.groups()
-        self.showing = level not in QUIET
-        if self.showing:
+        self.loud = level in LOUD
+        if level not in QUIET:
             print(f"{clock} {level:7} {rest.rsplit(' - ', 1)[-1]}", flush=True)
 
 
