@@ -1,7 +1,5 @@
 """The Dagster code location: `dagster dev` and `dagster asset materialize` load this module."""
 
-import warnings
-
 import dagster as dg
 
 from dalle3_dag import captioner, data, text_to_image
@@ -19,9 +17,6 @@ from ml.stages import (
     raw_pairs,
     recaptioned_dataset,
 )
-
-# We use observable sources and backfill policies knowingly; their beta notes are noise here.
-warnings.filterwarnings("ignore", category=dg.BetaWarning)
 
 GROUPS = [data, captioner, text_to_image]
 STAGES = [
