@@ -30,16 +30,20 @@ class CaptionBatch:
     labels: torch.Tensor
 
 
-def make_batch(model: Captioner, features: torch.Tensor, captions: Sequence[str]) -> CaptionBatch:
-    """Frames each caption as bos ... eos, right-padded to the longest, cut to the LM's length."""
+def framed(model: Captioner, captions: Sequence[str]) -> list[list[int]]:
+    """Each caption's token ids as bos ... eos, cut to the LM's length."""
     tok = model.tokenizer
     limit = model.config.max_caption_tokens - 2
-    rows = [
+    return [
         [tok.bos_token_id, *tok(c, add_special_tokens=False).input_ids[:limit], tok.eos_token_id]
         for c in captions
     ]
+
+
+def padded(model: Captioner, features: torch.Tensor, rows: list[list[int]]) -> CaptionBatch:
+    """Framed captions right-padded to the longest, with their labels."""
     length = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), length), tok.pad_token_id)
+    input_ids = torch.full((len(rows), length), model.tokenizer.pad_token_id)
     attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
     for i, row in enumerate(rows):
         input_ids[i, : len(row)] = torch.tensor(row)
@@ -51,17 +55,22 @@ def make_batch(model: Captioner, features: torch.Tensor, captions: Sequence[str]
     return CaptionBatch(features, input_ids, attention_mask, labels)
 
 
+def make_batch(model: Captioner, features: torch.Tensor, captions: Sequence[str]) -> CaptionBatch:
+    """Frames each caption as bos ... eos, right-padded to the longest, cut to the LM's length."""
+    return padded(model, features, framed(model, captions))
+
+
 def micro_batches(
     model: Captioner, features: torch.Tensor, captions: Sequence[str], parts: int
 ) -> list[CaptionBatch]:
     """A batch as `parts` length-sorted pieces, each padded to its own longest caption: the same
-    tokens to learn as one `make_batch`, with less padding to compute."""
-    tok = model.tokenizer
-    lengths = [len(tok(c, add_special_tokens=False).input_ids) for c in captions]
-    order = sorted(range(len(captions)), key=lengths.__getitem__)
+    tokens to learn as one `make_batch`, with less padding to compute. Each caption is
+    tokenized once."""
+    rows = framed(model, captions)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     size = -(-len(order) // parts)
     pieces = [order[i : i + size] for i in range(0, len(order), size)]
-    return [make_batch(model, features[p], [captions[i] for i in p]) for p in pieces]
+    return [padded(model, features[p], [rows[i] for i in p]) for p in pieces]
 
 
 def micro_batch_loss(
