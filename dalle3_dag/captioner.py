@@ -1,36 +1,27 @@
 """The captioner group: `clip_encoder` and the three captioners, with their checks."""
 
-from dataclasses import asdict
-from pathlib import Path
-
-import dagster as dg
-
-from dalle3_dag.config import CHECKS, floors, not_measured
+from dalle3_dag.config import CHECKS, CheckFloors, metrics_check
 from dalle3_dag.factory import stage_asset
-from dalle3_dag.versioning import folder_check
-from ml.stage import read_metrics
 from ml.stages import captioner, clip_encoder
 
 KINDS = {"transformers"}
+NO_SCENES = "raw_pairs/eval has no scene graphs to score against"
 
 
-@folder_check(
+@metrics_check(
     "The CLIP ranks an image's own descriptive caption above that of the same scene with one "
     "object recoloured, for at least `checks.clip_color_preference` of held-out images, and "
     "retrieves captions at least `checks.clip_recall_over_chance` times as often as chance. "
     "Blocking: every later stage reads images through this CLIP.",
+    needs="color_preference",
+    unmeasured="raw_pairs/eval has no scene graphs to recolour",
     blocking=True,
 )
-def clip_encoder_binds_attributes(folder: Path) -> dg.AssetCheckResult:
-    metrics = read_metrics(folder)
-    if "color_preference" not in metrics:
-        return not_measured("raw_pairs/eval has no scene graphs to recolour", metrics)
-    floor = floors()
-    passed = (
+def clip_encoder_binds_attributes(metrics: dict[str, float], floor: CheckFloors) -> bool:
+    return (
         metrics["color_preference"] >= floor.clip_color_preference
         and metrics["recall_at_5"] >= floor.clip_recall_over_chance * metrics["chance_at_5"]
     )
-    return dg.AssetCheckResult(passed=passed, metadata={**metrics, **asdict(floor)})
 
 
 clip_encoder_asset = stage_asset(
@@ -48,33 +39,27 @@ clip_encoder_asset = stage_asset(
 )
 
 
-@folder_check(
+@metrics_check(
     "Descriptive captions state ShapeWorld's ground-truth attributes: recall and precision "
-    "on held-out images at least `checks.dsc_attribute_recall` / `dsc_attribute_precision`."
+    "on held-out images at least `checks.dsc_attribute_recall` / `dsc_attribute_precision`.",
+    needs="attribute_recall",
+    unmeasured=NO_SCENES,
 )
-def captioner_dsc_attributes(folder: Path) -> dg.AssetCheckResult:
-    metrics = read_metrics(folder)
-    if "attribute_recall" not in metrics:
-        return not_measured("raw_pairs/eval has no scene graphs to score against", metrics)
-    floor = floors()
-    passed = (
+def captioner_dsc_attributes(metrics: dict[str, float], floor: CheckFloors) -> bool:
+    return (
         metrics["attribute_recall"] >= floor.dsc_attribute_recall
         and metrics["attribute_precision"] >= floor.dsc_attribute_precision
     )
-    return dg.AssetCheckResult(passed=passed, metadata=metrics)
 
 
-@folder_check(
+@metrics_check(
     "Short captions name the main object correctly for at least "
-    "`checks.ssc_main_object_accuracy` of held-out images."
+    "`checks.ssc_main_object_accuracy` of held-out images.",
+    needs="main_object_accuracy",
+    unmeasured=NO_SCENES,
 )
-def captioner_ssc_main_object(folder: Path) -> dg.AssetCheckResult:
-    metrics = read_metrics(folder)
-    if "main_object_accuracy" not in metrics:
-        return not_measured("raw_pairs/eval has no scene graphs to score against", metrics)
-    floor = floors().ssc_main_object_accuracy
-    passed = metrics["main_object_accuracy"] >= floor
-    return dg.AssetCheckResult(passed=passed, metadata={**metrics, "floor": floor})
+def captioner_ssc_main_object(metrics: dict[str, float], floor: CheckFloors) -> bool:
+    return metrics["main_object_accuracy"] >= floor.ssc_main_object_accuracy
 
 
 captioner_base = stage_asset(

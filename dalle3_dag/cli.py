@@ -151,6 +151,27 @@ def caption(args: argparse.Namespace) -> int:
     return 0
 
 
+def clip_score(args: argparse.Namespace) -> int:
+    """Score image-caption pairs with CLIP-S; the mean is the last line printed."""
+    from ml.clip import load_clip
+    from ml.eval.clip_score import clip_score as score_pairs
+    from ml.eval.clip_score import read_pairs, write_per_pair
+
+    folder = Path(args.model.removeprefix("local-dir:")) if args.model else None
+    folder = folder or StorageResource().asset_dir("clip_encoder")
+    try:  # bad input is named before the model loads
+        names, images, captions = read_pairs(args.images, args.captions)
+        model, preprocess, tokenizer = load_clip(folder)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"dalle3 clip-score: {err}") from err
+    score = score_pairs(model, preprocess, tokenizer, images, captions, args.variant)
+    out = args.out or args.captions.with_name(f"{args.captions.stem}.clip_s_{args.variant}.jsonl")
+    write_per_pair(out, names, captions, score)
+    print(f"model: {folder}; {len(captions)} pairs; per-pair scores in {out}")
+    print(f"CLIP-S ({args.variant}): {score.score:.4f}")
+    return 0
+
+
 MODELS = {"distilled": ("distilled_model", 2), "teacher": ("diffusion_model", 25)}
 
 
@@ -210,6 +231,17 @@ def main(argv: list[str] | None = None) -> int:
     caption_parser = commands.add_parser("caption", help=caption.__doc__)
     caption_parser.add_argument("images", nargs="+", help="image files")
     caption_parser.set_defaults(func=caption)
+    score = commands.add_parser("clip-score", help=clip_score.__doc__)
+    score.add_argument("--images", type=Path, required=True, help="folder of the images")
+    score.add_argument(
+        "--captions", type=Path, required=True, help='JSONL: {"image": NAME, "caption": TEXT}'
+    )
+    score.add_argument("--variant", choices=["paper", "hessel"], default="paper")
+    score.add_argument(
+        "--model", help="open_clip folder (local-dir:PATH); default: the clip_encoder asset"
+    )
+    score.add_argument("--out", type=Path, help="per-pair scores, .jsonl or .csv")
+    score.set_defaults(func=clip_score)
     gen = commands.add_parser("generate", help=generate.__doc__)
     gen.add_argument("prompt")
     gen.add_argument("--model", choices=sorted(MODELS), default="distilled")

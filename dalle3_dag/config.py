@@ -1,10 +1,15 @@
-"""The check floors every asset check reads: params.yaml's `checks` section."""
+"""The check floors every asset check reads (params.yaml's `checks` section), and the one
+shape of a check that holds a version's held-out metrics to them."""
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import dagster as dg
 
 from dalle3_dag.project import resolve
+from dalle3_dag.versioning import FolderCheck
+from ml.stage import read_metrics
 
 CHECKS = "checks"
 
@@ -33,3 +38,27 @@ def not_measured(reason: str, metrics: dict[str, float]) -> dg.AssetCheckResult:
         severity=dg.AssetCheckSeverity.WARN,
         metadata={"not_measured": reason, **metrics},
     )
+
+
+Rule = Callable[[dict[str, float], CheckFloors], bool]
+
+
+def metrics_check(
+    description: str, needs: str = "", unmeasured: str = "", blocking: bool = False
+) -> Callable[[Rule], FolderCheck]:
+    """Declare a check, named after its rule, of the staged version's `metrics.json` against
+    the floors; a version without the metric `needs` had no ground truth: `not_measured`."""
+
+    def declare(rule: Rule) -> FolderCheck:
+        def evaluate(folder: Path) -> dg.AssetCheckResult:
+            metrics = read_metrics(folder)
+            if needs and needs not in metrics:
+                return not_measured(unmeasured, metrics)
+            floor = floors()
+            return dg.AssetCheckResult(
+                passed=rule(metrics, floor), metadata={**metrics, **asdict(floor)}
+            )
+
+        return FolderCheck(rule.__name__, evaluate, description, blocking)
+
+    return declare

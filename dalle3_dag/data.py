@@ -3,7 +3,6 @@
 
 import math
 from pathlib import Path
-from typing import Any
 
 import dagster as dg
 
@@ -76,13 +75,9 @@ def raw_pairs_caption_lengths(folder: Path) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(passed=passed, metadata=words)
 
 
-def _shard_partitions(context: dg.AssetExecutionContext, result: StageResult) -> dict[str, Any]:
+def _shard_partitions(context: dg.AssetExecutionContext, result: StageResult) -> None:
     """New training shards become partitions of recaptioned_dataset."""
     sync_shard_partitions(context.instance, result.metadata["shards"]["train"])
-    cfg, _ = resolve(RawPairsConfig, raw.STAGE.name)
-    storage = context.resources.storage
-    s3 = storage.s3_client() if cfg.uri.startswith("s3://") else None
-    return {"source_version": source_fingerprint(cfg, s3)}
 
 
 raw_pairs = stage_asset(

@@ -144,7 +144,7 @@ def stage_asset(
     deps: Sequence[str] = (),
     params: Sequence[str] = (),
     partitions_def: dg.PartitionsDefinition | None = None,
-    after: Callable[[dg.AssetExecutionContext, StageResult], dict[str, Any]] | None = None,
+    after: Callable[[dg.AssetExecutionContext, StageResult], None] | None = None,
 ) -> dg.AssetsDefinition:
     """The asset of `stage`: its key, input assets (plus `deps`), group, checks and code
     version, and the one materialization body.
@@ -153,7 +153,7 @@ def stage_asset(
     dvc.lock records them with the stage's own. A partitioned stage writes its partitions'
     files into the live folder itself (each one atomically) and runs all the partitions of a
     run in one step. `after` adds the few Dagster-only lines an asset needs (e.g. syncing
-    partitions) and returns extra metadata.
+    partitions).
     """
     key = stage.name
     code = code_files(stage, module)
@@ -235,7 +235,7 @@ def stage_asset(
                     key, storage.asset_dir(key)
                 )
             if after is not None:
-                metadata |= after(context, result)
+                after(context, result)
             recorded = {key: values, **{section: effective_params(section) for section in params}}
             materialized = commit(key, storage, dvc, metadata, recorded, checked)
         figures = ", ".join(f"{k} {v:.4g}" for k, v in list(result.metrics.items())[:8])

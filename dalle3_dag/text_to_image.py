@@ -4,41 +4,33 @@ Both are scored on prompt following the same way (`ml.eval.oracle`): single-obje
 the generated object's colour and position against the prompt's.
 """
 
-from pathlib import Path
-
-import dagster as dg
-
-from dalle3_dag.config import floors
+from dalle3_dag.config import CheckFloors, metrics_check
 from dalle3_dag.factory import stage_asset
-from dalle3_dag.versioning import folder_check
-from ml.stage import read_metrics
 from ml.stages import diffusion_model as teacher
 from ml.stages import distilled_model as student
 
 KINDS = {"diffusers"}
 
 
-@folder_check(
+@metrics_check(
     "Single-object prompts: the generated object's colour and position match the prompt at "
     "least `checks.prompt_following_over_chance` times as often as chance."
 )
-def diffusion_model_follows_prompts(folder: Path) -> dg.AssetCheckResult:
-    metrics, ratio = read_metrics(folder), floors().prompt_following_over_chance
-    passed = all(
+def diffusion_model_follows_prompts(metrics: dict[str, float], floor: CheckFloors) -> bool:
+    ratio = floor.prompt_following_over_chance
+    return all(
         metrics[f"{what}_accuracy"] >= ratio * metrics[f"{what}_chance"]
         for what in ("color", "position")
     )
-    return dg.AssetCheckResult(passed=passed, metadata={**metrics, "floor_over_chance": ratio})
 
 
-@folder_check(
+@metrics_check(
     "The 2-step student's colour and position accuracy are each within "
     "`checks.student_max_gap` of the teacher's."
 )
-def distilled_model_keeps_up(folder: Path) -> dg.AssetCheckResult:
-    metrics, gap = read_metrics(folder), floors().student_max_gap
-    passed = all(metrics[f"teacher_{name}"] - metrics[name] <= gap for name in student.COMPARED)
-    return dg.AssetCheckResult(passed=passed, metadata={**metrics, "max_gap": gap})
+def distilled_model_keeps_up(metrics: dict[str, float], floor: CheckFloors) -> bool:
+    gap = floor.student_max_gap
+    return all(metrics[f"teacher_{name}"] - metrics[name] <= gap for name in student.COMPARED)
 
 
 diffusion_model = stage_asset(

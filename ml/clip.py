@@ -30,6 +30,7 @@ from ml.train import Shuffled, train
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"  # the name open_clip's local-dir loader prefers
+TEXT_CHUNK = 32  # captions per length-sorted chunk when encoding for evaluation
 MAX_LOGIT_SCALE = math.log(100)  # open_clip's clamp, so the temperature cannot run away
 
 Preprocess = Callable[[Image.Image], torch.Tensor]
@@ -101,15 +102,35 @@ def train_toy_clip(
     return model
 
 
+def encode_tokens(model: open_clip.CLIP, token_ids: torch.Tensor, chunks: int) -> torch.Tensor:
+    """L2-normalised text embeddings, the text tower run on length-sorted chunks, each cut to
+    its own longest caption.
+
+    Causal attention and pooling at the end-of-text token make what follows a caption
+    irrelevant to its embedding, so this is the maths of open_clip's `encode_text` over all
+    context positions, without the padding's share of the compute.
+    """
+    if model.text_pool_type != "argmax":
+        raise ValueError(f"needs end-of-text pooling, got {model.text_pool_type!r}")
+    lengths = token_ids.argmax(dim=-1) + 1  # the end-of-text token has the highest id
+    features = []
+    order = lengths.argsort()
+    for chunk in order.chunk(chunks):
+        n = int(lengths[chunk].max())
+        ids = token_ids[chunk, :n]
+        x = model.token_embedding(ids) + model.positional_embedding[:n]
+        x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:n, :n]))
+        x = x[torch.arange(len(ids), device=x.device), ids.argmax(dim=-1)]
+        projection = model.text_projection
+        linear = isinstance(projection, torch.nn.Linear)
+        features.append(projection(x) if linear else x @ projection)
+    return F.normalize(torch.cat(features)[order.argsort()], dim=-1)
+
+
 class ContrastiveLoss(torch.nn.Module):
     """The CLIP loss of a batch of images, their captions and (optionally) one hard negative
-    caption each, as one module so that DDP sees one forward.
-
-    The text tower runs on length-sorted chunks, each cut to its own longest caption. Causal
-    attention and pooling at the end-of-text token make what follows a caption irrelevant to
-    its embedding, so this is the maths of open_clip's `encode_text` over all 64 positions,
-    without the padding's share of the compute.
-    """
+    caption each, as one module so that DDP sees one forward; the text tower runs as
+    `encode_tokens`."""
 
     def __init__(self, model: open_clip.CLIP, chunks: int = 4) -> None:
         super().__init__()
@@ -117,29 +138,13 @@ class ContrastiveLoss(torch.nn.Module):
             raise ValueError(f"needs end-of-text pooling, got {model.text_pool_type!r}")
         self.model, self.chunks = model, chunks
 
-    def encode_text(self, token_ids: torch.Tensor) -> torch.Tensor:
-        m = self.model
-        lengths = token_ids.argmax(dim=-1) + 1  # the end-of-text token has the highest id
-        features = []
-        order = lengths.argsort()
-        for chunk in order.chunk(self.chunks):
-            n = int(lengths[chunk].max())
-            ids = token_ids[chunk, :n]
-            x = m.token_embedding(ids) + m.positional_embedding[:n]
-            x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask[:n, :n]))
-            x = x[torch.arange(len(ids), device=x.device), ids.argmax(dim=-1)]
-            projection = m.text_projection
-            linear = isinstance(projection, torch.nn.Linear)
-            features.append(projection(x) if linear else x @ projection)
-        return F.normalize(torch.cat(features)[order.argsort()], dim=-1)
-
     def forward(self, pixels: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         m = self.model
         with torch.no_grad():
             m.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
         device = m.logit_scale.device
         image_features = m.encode_image(pixels.to(device), normalize=True)
-        text_features = self.encode_text(token_ids.to(device))
+        text_features = encode_tokens(m, token_ids.to(device), self.chunks)
         logit_scale = m.logit_scale.exp()
         n = len(pixels)
         positives, negatives = text_features[:n], text_features[n:]
@@ -261,13 +266,17 @@ def encode_images(
 def encode_texts(
     model: open_clip.CLIP, tokenizer: Tokenizer, texts: Sequence[str], batch_size: int = 256
 ) -> torch.Tensor:
-    """L2-normalised text embeddings, one row per text."""
+    """L2-normalised text embeddings, one row per text; with end-of-text pooling each batch
+    runs as length-sorted chunks of about `TEXT_CHUNK` captions (`encode_tokens`)."""
     model.eval()
-    chunks = [
-        model.encode_text(tokenizer(list(texts[i : i + batch_size])), normalize=True)
-        for i in range(0, len(texts), batch_size)
-    ]
-    return torch.cat(chunks)
+    batches = []
+    for i in range(0, len(texts), batch_size):
+        ids = tokenizer(list(texts[i : i + batch_size]))
+        if model.text_pool_type == "argmax":
+            batches.append(encode_tokens(model, ids, max(1, len(ids) // TEXT_CHUNK)))
+        else:
+            batches.append(model.encode_text(ids, normalize=True))
+    return torch.cat(batches)
 
 
 def reference_caption(sample: Sample) -> str:

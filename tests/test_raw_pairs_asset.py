@@ -13,7 +13,11 @@ import pytest
 import webdataset as wds
 import yaml
 from conftest import web_source, write_web_shards
-from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
+from dagster._core.definitions.data_version import (
+    CachingStaleStatusResolver,
+    StaleStatus,
+    extract_data_version_from_entry,
+)
 from dagster._core.loader import LoadingContextForTest
 
 from dalle3_dag.data import observe_sources, raw_pairs, raw_pairs_source
@@ -295,9 +299,13 @@ def test_changed_source_shards_make_raw_pairs_stale(project, tmp_path):
 
         # as `dalle3 run` does: observe the source, then materialize what it feeds
         observe(project, instance)
-        assert dg.materialize([raw_pairs_source, raw_pairs], selection=["raw_pairs"],
-                              resources=project.resources, instance=instance).success
+        result = dg.materialize([raw_pairs_source, raw_pairs], selection=["raw_pairs"],
+                                resources=project.resources, instance=instance)
         assert status() == StaleStatus.FRESH
+        # the version it records is that of the listing it read, the one observed
+        record = instance.get_latest_data_version_record(dg.AssetKey("raw_pairs_source"), True)
+        observed = extract_data_version_from_entry(record.event_log_entry)
+        assert materialization(result).metadata["source_version"].value == observed.value
         observe(project, instance)
         assert status() == StaleStatus.FRESH  # the same shards: nothing to do
         write_web_shards(source / "more", 5)

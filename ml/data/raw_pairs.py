@@ -32,6 +32,7 @@ SPLITS = ("train", "labelled", "clip", "eval")
 HASHED_SPLITS = ("train", "clip", "eval")  # a webdataset source's splits by key hash
 SHORT, DESCRIPTIVE = "short_caption", "descriptive_caption"  # what the captioner stages read
 PREVIEW_SAMPLES = 16
+SHAPEWORLD = "shapeworld"  # the generator's data version: it reads nothing that can change
 KEPT = ("samples", "shards")  # ReadStats fields that are not skip counters
 
 
@@ -116,6 +117,7 @@ class RawPairsSummary:
     source: str
     splits: dict[str, SplitSummary]
     skipped: dict[str, int] = field(default_factory=dict)  # what the source reader dropped
+    source_version: str = ""  # `source_fingerprint` of the listing that was read
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -124,7 +126,12 @@ class RawPairsSummary:
     def load(cls, path: Path) -> "RawPairsSummary":
         data = json.loads(path.read_text())
         splits = {name: SplitSummary(**s) for name, s in data["splits"].items()}
-        return cls(source=data["source"], splits=splits, skipped=data["skipped"])
+        return cls(
+            source=data["source"],
+            splits=splits,
+            skipped=data["skipped"],
+            source_version=data.get("source_version", ""),
+        )
 
 
 def caption_word_stats(texts: list[str]) -> dict[str, float]:
@@ -217,6 +224,7 @@ def build_raw_pairs(
     """Write every split into `out_dir`; returns the summary and the first training samples."""
     writer = _SplitWriter(out_dir, cfg.shard_size, SPLITS)
     stats = ReadStats()
+    version = SHAPEWORLD
     if cfg.source == "shapeworld":
         for split, n in cfg.splits.items():
             for sample in generate(n, cfg.seed, cfg.world, split):
@@ -225,25 +233,28 @@ def build_raw_pairs(
         (out_dir / "prompts.json").write_text(json.dumps(prompts, indent=1, sort_keys=True))
     else:
         listing = shard_listing(cfg.uri, s3)
+        version = fingerprint(listing)
         (out_dir / "source.json").write_text(json.dumps(listing, indent=1, sort_keys=True))
         samples = (s for entry in listing for s in read_shard(entry["uri"], stats, s3))
         for split, sample in route_webdataset(samples, cfg):
             writer.write(split, sample)
     skipped = {k: v for k, v in asdict(stats).items() if k not in KEPT}
-    summary = RawPairsSummary(source=cfg.source, splits=writer.close(), skipped=skipped)
+    summary = RawPairsSummary(cfg.source, writer.close(), skipped, version)
     (out_dir / "summary.json").write_text(summary.to_json())
     if writer.preview:
         image_grid([s.image for s in writer.preview], cols=8, scale=2).save(out_dir / "preview.png")
     return summary, writer.preview
 
 
+def fingerprint(listing: list[dict[str, Any]]) -> str:
+    """A hash of a shard listing (names, sizes, modification times or ETags)."""
+    return hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()[:32]
+
+
 def source_fingerprint(cfg: RawPairsConfig, s3: Any = None) -> str:
-    """The data version of what `raw_pairs` reads: the generator, or the shards' listing
-    (names, sizes, modification times or ETags), so new or rewritten shards show."""
-    if cfg.source == "shapeworld":
-        return "shapeworld"
-    listing = json.dumps(shard_listing(cfg.uri, s3), sort_keys=True)
-    return hashlib.sha256(listing.encode()).hexdigest()[:32]
+    """The data version of what `raw_pairs` reads: the generator, or the fingerprint of the
+    shards' listing, so new or rewritten shards show."""
+    return SHAPEWORLD if cfg.source == "shapeworld" else fingerprint(shard_listing(cfg.uri, s3))
 
 
 def load_split(raw_dir: Path, split: str) -> list[Sample]:

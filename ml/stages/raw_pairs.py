@@ -28,6 +28,7 @@ def run(cfg: RawPairsConfig, inputs: Inputs, out: Path, log: Log) -> StageResult
             "samples_per_split": {k: s.samples for k, s in splits.items()},
             "shards": {k: s.shards for k, s in splits.items()},
             "skipped": summary.skipped,
+            "source_version": summary.source_version,
             "caption_words": splits["train"].caption_words,
         },
         examples=[(s.image, s.text) for s in preview],
