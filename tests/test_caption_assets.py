@@ -18,6 +18,7 @@ from dalle3_dag.partitions import SHARDS
 from ml.data.mixed import MixManifest
 from ml.data.mixed_dataset import MixedDataset
 from ml.data.shapeworld import ShapeWorldConfig, generate
+from ml.stage import read_metrics
 
 MODULES = [data, captioner, text_to_image]
 ASSETS = dg.load_assets_from_modules(MODULES)
@@ -71,8 +72,9 @@ def test_whole_graph_end_to_end(project, instance, tmp_path):
     open_clip.create_model_and_transforms(f"local-dir:{clip_dir}")
     (clip_event,) = result.asset_materializations_for_node("clip_encoder")
     assert clip_event.metadata["recall_at_5"].value > 0
-    for attribute in ("color", "shape"):
-        assert 0.0 <= clip_event.metadata[f"{attribute}_preference"].value <= 1.0
+    # what the run reports is what its checks read
+    for name, value in read_metrics(clip_dir).items():
+        assert clip_event.metadata[name].value == pytest.approx(value, abs=5e-5)
 
     # a floor raised above the CLIP's score rejects its new version: the old one stays live and
     # the rejected one is kept for a look
@@ -156,7 +158,8 @@ def test_whole_graph_end_to_end(project, instance, tmp_path):
             p.name for p in folder.iterdir()
         }
         (event,) = t2i.asset_materializations_for_node(key)
-        assert 0 <= event.metadata["color_accuracy"].value <= 1
+        for name in ("color_accuracy", "position_accuracy", "short_color_accuracy"):
+            assert event.metadata[name].value == pytest.approx(read_metrics(folder)[name], abs=5e-5)
         run = mlflow.get_run(event.metadata["mlflow_run_id"].value)
         assert run.info.status == "FINISHED" and "loss" in run.data.metrics
         assert event.metadata["dvc_hash"].value == project.dvc.out_hash(key)

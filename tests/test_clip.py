@@ -34,7 +34,7 @@ from ml.clip_config import ClipConfig
 from ml.config import TrainConfig
 from ml.data.sample import Sample
 from ml.data.shapeworld import SHAPES, Scene, ShapeWorldConfig, generate, visible_colors
-from ml.eval.clip_scores import pairwise_preference, retrieval_recall
+from ml.eval.clip_scores import retrieval_recall
 from ml.stages.captioner import fit_to_clip
 
 
@@ -261,7 +261,6 @@ def test_short_training_lowers_the_loss_and_beats_chance_on_held_out_scenes(
     # this run reach 0.48-0.56.
     assert recall["chance@5"] == pytest.approx(5 / 64)
     assert recall["recall@5"] > 3 * recall["chance@5"]
-    assert 0.0 <= pairwise_preference(model, preprocess, tokenizer, eval_samples) <= 1.0
 
 
 def test_length_cut_text_tower_gives_open_clips_embeddings_and_gradients() -> None:

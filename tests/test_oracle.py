@@ -1,21 +1,27 @@
-"""The analytic prompt-following oracle: exact on ground-truth ShapeWorld renders, at chance
-when the targets are shuffled."""
+"""The analytic prompt-following oracle and the scene reader behind its GenEval-style
+categories: exact on ground-truth ShapeWorld renders, at chance when the targets are
+shuffled."""
 
 import itertools
 import random
+from dataclasses import replace
 
 import pytest
 
 from ml.data.shapeworld import (
     BACKGROUNDS,
     COLORS,
+    EVAL_CATEGORIES,
     POSITIONS,
     SHAPES,
     SIZES,
     TEXTURES,
     Scene,
     SceneObject,
+    ShapeWorldConfig,
     caption_facts,
+    eval_prompts,
+    generate,
     parse_caption,
     render,
     visible_colors,
@@ -23,9 +29,13 @@ from ml.data.shapeworld import (
 from ml.eval.oracle import (
     evaluate_prompt_following,
     find_object,
+    follows,
+    score_by_category,
     score_prompt_following,
     single_object_prompts,
+    wilson,
 )
+from ml.eval.scene_reader import Reading, read_scene
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +99,70 @@ def test_single_object_prompts_cover_the_grid_and_score_perfectly_when_rendered(
     first = prompts[0]
     facts = parse_caption(first["descriptive"])
     assert facts == caption_facts(first["scene"]) and first["prompt"] != first["descriptive"]
+
+
+# --- the scene reader and GenEval-style categories ------------------------------------------
+
+
+@pytest.mark.parametrize("size", [16, 32])
+def test_every_category_is_read_exactly_from_ground_truth_renders(size: int) -> None:
+    """The instrument's own accuracy, per category, on renders of the held-out prompts'
+    target scenes (>= 0.98 required; it is exact)."""
+    prompts = eval_prompts(seed=1, per_category=32)
+    images = [render(Scene.from_dict(p["scene"]), size) for p in prompts]
+    scores = score_by_category(images, prompts)
+    for category in EVAL_CATEGORIES:
+        assert scores[f"{category}_accuracy"] == 1.0, category
+        assert scores[f"{category}_n"] == 32
+    assert scores["overall_accuracy"] == 1.0
+    for image, prompt in zip(images[:40], prompts, strict=False):
+        reading = read_scene(image)
+        scene = Scene.from_dict(prompt["scene"])
+        assert (reading.background, set(reading.objects), reading.word) == (
+            scene.background, set(scene.objects), scene.word
+        )
+
+
+def test_another_prompts_scene_fails_its_prompt() -> None:
+    """Each prompt scored on the render of the next prompt of its category: almost nothing
+    follows (two_object can, when both scenes hold the same two shapes)."""
+    prompts = eval_prompts(seed=1, per_category=16)
+    by_category = itertools.groupby(prompts, key=lambda p: p["category"])
+    images, targets = [], []
+    for _, group in by_category:
+        group = list(group)
+        for i, prompt in enumerate(group):
+            images.append(render(Scene.from_dict(group[(i + 1) % len(group)]["scene"]), 32))
+            targets.append(prompt)
+    scores = score_by_category(images, targets)
+    assert scores["overall_accuracy"] < 0.05
+
+
+def test_textured_training_scenes_are_read_too() -> None:
+    samples = list(generate(100, 0, ShapeWorldConfig(image_size=32), "train"))
+    right = sum(
+        set(read_scene(s.image).objects) == set(Scene.from_dict(s.meta["scene"]).objects)
+        and read_scene(s.image).word == s.meta["scene"]["word"]
+        for s in samples
+    )
+    assert right == 100
+
+
+def test_follows_holds_an_image_to_what_the_prompt_asks() -> None:
+    red_circle = SceneObject("circle", "red", "small", "top left")
+    reading = Reading("gray", (red_circle, replace(red_circle, position="top")), "CAT", (1, 1))
+    assert follows(reading, {"objects": [{"shape": "circle", "color": "red", "count": 2}]})
+    assert not follows(reading, {"objects": [{"shape": "circle", "color": "red", "count": 3}]})
+    assert not follows(reading, {"objects": [{"shape": "circle", "color": "blue"}]})
+    assert follows(reading, {"objects": [{"shape": "circle", "position": "top"}], "word": "CAT"})
+    assert not follows(reading, {"objects": [{"shape": "circle"}], "word": "DOG"})
+    assert not follows(reading, {"objects": [{"shape": "circle"}], "background": "navy"})
+    assert not follows(reading, {"objects": [{"shape": "circle"}, {"shape": "square"}]})
+
+
+def test_wilson_interval_matches_the_formula() -> None:
+    low, high = wilson(8, 10)
+    assert (low, high) == pytest.approx((0.4902, 0.9433), abs=1e-4)
+    assert wilson(0, 32)[0] == 0.0 and wilson(32, 32)[1] == 1.0
+    with pytest.raises(ValueError):
+        wilson(0, 0)

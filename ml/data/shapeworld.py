@@ -535,7 +535,10 @@ def generate(
         yield Sample(f"{split}{index:08d}", render(scene, cfg.image_size), text, meta)
 
 
-EVAL_CATEGORIES = ("colour", "shape", "count", "position", "text", "multi-object")
+# GenEval's six categories (its tags), plus the words the world writes.
+EVAL_CATEGORIES = (
+    "single_object", "two_object", "counting", "colors", "position", "color_attr", "text",
+)  # fmt: skip
 
 
 def _plural(shape: str) -> str:
@@ -543,58 +546,79 @@ def _plural(shape: str) -> str:
 
 
 def eval_prompts(seed: int, per_category: int = 8) -> list[dict[str, Any]]:
-    """Held-out prompts grouped by category (GenEval/DrawBench style), each with its target scene.
+    """Held-out prompts grouped by GenEval's categories, each with a target scene and what the
+    prompt asks for, which is all an image is held to.
 
-    The target scene fixes every attribute; the category says which ones the prompt asks for:
-    colour (colour+shape), shape (shape+background), count (number, colour, shape), position
-    (colour, shape, position), text (the word), multi-object (two colour-shape bindings).
+    "asks" has "objects" (each a shape with, where the prompt states them, a colour, a position
+    and an exact count; otherwise at least one), and a "background" or "word" if stated.
     """
     rng = random.Random(f"{seed}/eval")
     prompts: list[dict[str, Any]] = []
 
     def add(
-        category: str, prompt: str, background: str, *objects: SceneObject, word: str | None = None
+        category: str,
+        prompt: str,
+        asks: dict[str, Any],
+        background: str,
+        *objects: SceneObject,
+        word: str | None = None,
     ) -> None:
         scene = Scene(background, "plain", objects, word)
-        prompts.append({"category": category, "prompt": prompt, "scene": scene.to_dict()})
+        prompts.append(
+            {"category": category, "prompt": prompt, "asks": asks, "scene": scene.to_dict()}
+        )
 
     def colour_and_shape(background: str) -> tuple[str, str]:
         return rng.choice(visible_colors(background)), rng.choice(SHAPES)
 
     for k in range(per_category):
         # Cycle through the attribute each category tests, so every value is covered.
-        color = list(COLORS)[k % len(COLORS)]
-        bg = rng.choice([b for b in BACKGROUNDS if color in visible_colors(b)])
-        shape = rng.choice(SHAPES)
-        add("colour", _a(f"{color} {shape}"), bg, SceneObject(shape, color, "large", "center"))
-
         shape, bg = SHAPES[k % len(SHAPES)], list(BACKGROUNDS)[k % len(BACKGROUNDS)]
-        color = rng.choice(visible_colors(bg))
-        obj = SceneObject(shape, color, "large", "center")
-        add("shape", f"{_a(shape)} on {_a(bg)} background", bg, obj)
+        obj = SceneObject(shape, rng.choice(visible_colors(bg)), "large", "center")
+        asks = {"objects": [{"shape": shape}], "background": bg}
+        add("single_object", f"{_a(shape)} on {_a(bg)} background", asks, bg, obj)
+
+        bg, shapes = rng.choice(list(BACKGROUNDS)), rng.sample(SHAPES, 2)
+        objs = [
+            SceneObject(shape, rng.choice(visible_colors(bg)), "large", position)
+            for shape, position in zip(shapes, ("left", "right"), strict=True)
+        ]
+        asks = {"objects": [{"shape": shape} for shape in shapes]}
+        add("two_object", f"{_a(shapes[0])} and {_a(shapes[1])}", asks, bg, *objs)
 
         n, bg = 2 + k % 3, rng.choice(list(BACKGROUNDS))
         color, shape = colour_and_shape(bg)
         objs = [SceneObject(shape, color, "small", p) for p in rng.sample(POSITIONS, n)]
-        add("count", f"{NUMBER_WORDS[n]} {color} {_plural(shape)}", bg, *objs)
+        asks = {"objects": [{"shape": shape, "color": color, "count": n}]}
+        add("counting", f"{NUMBER_WORDS[n]} {color} {_plural(shape)}", asks, bg, *objs)
+
+        color = list(COLORS)[k % len(COLORS)]
+        bg = rng.choice([b for b in BACKGROUNDS if color in visible_colors(b)])
+        shape = rng.choice(SHAPES)
+        asks = {"objects": [{"shape": shape, "color": color}]}
+        obj = SceneObject(shape, color, "large", "center")
+        add("colors", _a(f"{color} {shape}"), asks, bg, obj)
 
         position, bg = POSITIONS[k % len(POSITIONS)], rng.choice(list(BACKGROUNDS))
         color, shape = colour_and_shape(bg)
         prompt = f"{_a(f'{color} {shape}')} {_position_phrase(position, rng)}"
-        add("position", prompt, bg, SceneObject(shape, color, "large", position))
-
-        word, bg = WORDS[k % len(WORDS)], rng.choice(list(BACKGROUNDS))
-        color, shape = colour_and_shape(bg)
-        obj = SceneObject(shape, color, "large", "center")
-        add("text", f'{_a(f"{color} {shape}")} and the word "{word}"', bg, obj, word=word)
+        asks = {"objects": [{"shape": shape, "color": color, "position": position}]}
+        add("position", prompt, asks, bg, SceneObject(shape, color, "large", position))
 
         bg = rng.choice(list(BACKGROUNDS))
-        colors = rng.sample(visible_colors(bg), 2)
-        shapes = rng.sample(SHAPES, 2)
+        colors, shapes = rng.sample(visible_colors(bg), 2), rng.sample(SHAPES, 2)
         objs = [
             SceneObject(s, c, "large", p)
             for s, c, p in zip(shapes, colors, ("left", "right"), strict=True)
         ]
         prompt = " and ".join(_a(f"{c} {s}") for s, c in zip(shapes, colors, strict=True))
-        add("multi-object", prompt, bg, *objs)
+        asks = {"objects": [{"shape": s, "color": c} for s, c in zip(shapes, colors, strict=True)]}
+        add("color_attr", prompt, asks, bg, *objs)
+
+        word, bg = WORDS[k % len(WORDS)], rng.choice(list(BACKGROUNDS))
+        color, shape = colour_and_shape(bg)
+        obj = SceneObject(shape, color, "large", "center")
+        asks = {"objects": [{"shape": shape, "color": color}], "word": word}
+        prompt = f'{_a(f"{color} {shape}")} and the word "{word}"'
+        add("text", prompt, asks, bg, obj, word=word)
     return sorted(prompts, key=lambda p: EVAL_CATEGORIES.index(p["category"]))

@@ -1,5 +1,9 @@
-"""The ShapeWorld prompt-following score: does a generated object have the asked colour and
-position?
+"""The ShapeWorld prompt-following scores.
+
+GenEval-style, by category (`follows`, `score_by_category`): an image follows a prompt when
+`ml.eval.scene_reader` reads from it everything the prompt asks for, with Wilson intervals.
+Single-object colour and position (`find_object`, `score_prompt_following`) is what the
+text-to-image stages score today:
 
 DESIGN.md plans a GenEval-style attribute oracle. For single-object prompts it can be analytic
 and exact instead of a trained classifier: ShapeWorld draws flat colours from a fixed palette
@@ -13,7 +17,9 @@ to what it measures; it judges colour and position only, not shape. On a generat
 reads whatever stands out most, so a blob in the asked cell with the asked colour counts.
 """
 
+import math
 import random
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from ml.data.shapeworld import COLORS, POSITIONS, Scene, descriptive_caption, eval_prompts
+from ml.eval.scene_reader import Reading, read_scene
 
 _PALETTE = np.array(list(COLORS.values()), dtype=np.float64)
 # The object is every pixel at least this fraction as far from the background as the few
@@ -139,3 +146,55 @@ def score_text_to_image(
     for name in ("color_accuracy", "position_accuracy", "both_accuracy"):
         scores[f"short_{name}"] = short[name]
     return scores, image_grid(images, cols=9, scale=4)
+
+
+def follows(reading: Reading, asks: dict[str, Any]) -> bool:
+    """Whether a reading shows all a prompt asks (`shapeworld.eval_prompts`' "asks"): each
+    object, with its stated colour and position, exactly `count` times if given, else at least
+    once; the background and word where stated."""
+    if asks.get("background") not in (None, reading.background):
+        return False
+    if asks.get("word") not in (None, reading.word):
+        return False
+    for want in asks["objects"]:
+        stated = {k: v for k, v in want.items() if k != "count"}
+        n = sum(all(getattr(o, k) == v for k, v in stated.items()) for o in reading.objects)
+        if n != want["count"] if "count" in want else n == 0:
+            return False
+    return True
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion (95% at z = 1.96)."""
+    if n == 0:
+        raise ValueError("no trials")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def score_by_category(
+    images: Sequence[Image.Image], prompts: Sequence[dict[str, Any]]
+) -> dict[str, float]:
+    """Per category: the share of images that follow their prompt, its 95% Wilson interval
+    and the image count, as `<category>_accuracy`, `_low`, `_high`, `_n`; and GenEval's overall
+    score, the mean of the categories' accuracies. The interval is over images; GenEval's 4
+    images per prompt are not independent, so it is, if anything, too narrow."""
+    if len(images) != len(prompts) or not images:
+        raise ValueError(f"need one prompt per image (>0): {len(images)} vs {len(prompts)}")
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for image, prompt in zip(images, prompts, strict=True):
+        verdict = follows(read_scene(image), prompt["asks"])
+        hits[prompt["category"]].append(verdict)
+    scores: dict[str, float] = {}
+    for category, verdicts in hits.items():
+        low, high = wilson(sum(verdicts), len(verdicts))
+        scores |= {
+            f"{category}_accuracy": sum(verdicts) / len(verdicts),
+            f"{category}_low": low,
+            f"{category}_high": high,
+            f"{category}_n": float(len(verdicts)),
+        }
+    scores["overall_accuracy"] = sum(sum(v) / len(v) for v in hits.values()) / len(hits)
+    return scores
