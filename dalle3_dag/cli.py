@@ -1,6 +1,8 @@
 """`dalle3`: the project's command line, for what is not a Dagster materialization."""
 
 import argparse
+import itertools
+import json
 import re
 import subprocess
 import sys
@@ -117,12 +119,33 @@ def summary(_: argparse.Namespace) -> int:
         path = storage.asset_dir(key)
         shown = str(path) if path.exists() else "(not materialized)"
         print(f"{key:24} {spec.group_name or '':14} {dvc.out_hash(key) or '-':38} {shown}")
+    evaluation = storage.asset_dir("clip_s_eval") / "metrics.json"
+    if evaluation.is_file():
+        print_evaluation(json.loads(evaluation.read_text()))
     print(f"\nMLflow tracking: {MlflowResource().resolved_uri()}")
     print(
         "UIs: `make ui`, then Dagster at http://127.0.0.1:3000 and MLflow at http://127.0.0.1:5000"
     )
     print("Versions: `dvc status` (should be clean), `dvc push` to send assets to the remote")
     return 0
+
+
+def print_evaluation(metrics: dict[str, float]) -> None:
+    """clip_s_eval's figures: prompt following by category, then CLIP-S."""
+    from ml.data.shapeworld import EVAL_CATEGORIES
+
+    columns = [c for c in (*EVAL_CATEGORIES, "overall") if f"teacher_short_{c}_accuracy" in metrics]
+    if columns:
+        print("\nclip_s_eval: share of images that follow their prompt (GenEval-style)")
+        print(f"{'model':8} {'prompts':12} " + " ".join(f"{c[:12]:>12}" for c in columns))
+        for model, style in itertools.product(("teacher", "student"), ("descriptive", "short")):
+            cells = [f"{metrics[f'{model}_{style}_{c}_accuracy']:>12.3f}" for c in columns]
+            print(f"{model:8} {style:12} " + " ".join(cells))
+    print(f"\n{'CLIP-S':8} {'captions':12} {'paper':>12} {'hessel':>12}")
+    for model, setting in itertools.product(("teacher", "student"), ("alt", "descriptive")):
+        if f"{model}_clip_s_paper_{setting}" in metrics:
+            paper, hessel = (metrics[f"{model}_clip_s_{v}_{setting}"] for v in ("paper", "hessel"))
+            print(f"{model:8} {setting:12} {paper:>12.2f} {hessel:>12.3f}")
 
 
 def caption(args: argparse.Namespace) -> int:

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from dalle3_dag import captioner, data, text_to_image
+from dalle3_dag import captioner, data, evaluation, text_to_image
 from dalle3_dag.config import CHECKS, CheckFloors
 from dalle3_dag.project import TRAINING_TAGS, validate_params
 from dalle3_dag.resources import DvcResource, MlflowResource, StorageResource
@@ -11,6 +11,7 @@ from ml.stages import (
 )
 from ml.stages import (
     clip_encoder,
+    clip_s_eval,
     diffusion_model,
     distilled_model,
     mixed_training_set,
@@ -18,7 +19,7 @@ from ml.stages import (
     recaptioned_dataset,
 )
 
-GROUPS = [data, captioner, text_to_image]
+GROUPS = [data, captioner, text_to_image, evaluation]
 STAGES = [
     raw_pairs.STAGE,
     clip_encoder.STAGE,
@@ -29,6 +30,7 @@ STAGES = [
     mixed_training_set.STAGE,
     diffusion_model.STAGE,
     distilled_model.STAGE,
+    clip_s_eval.STAGE,
 ]
 # Every section of params.yaml and the config it builds.
 PARAMS = {stage.name: stage.config for stage in STAGES} | {CHECKS: CheckFloors}

@@ -21,15 +21,17 @@ import yaml
 from pydantic import create_model
 
 from dalle3_dag.imports import closure, module_file, project_imports
-from dalle3_dag.metadata import captioned_images
+from dalle3_dag.metadata import captioned_images, markdown_image, markdown_table
 from dalle3_dag.project import PROJECT_DIR, TRAINING_TAGS, effective_params, resolve
 from dalle3_dag.resources import DvcResource, MlflowResource, StorageResource
 from dalle3_dag.versioning import FolderCheck, check_specs, commit, staged, tracked_run
+from ml.files import write_json
 from ml.stage import Inputs, Stage, StageResult, run_stage
 
 CHECKPOINTS = ".checkpoints"
 KINDS = {"pytorch", "mlflow", "dvc"}
 ASSETS = "assets"
+METRICS_DIR = "metrics"  # DVC metrics files, tracked by git
 # What dvc.yaml says of each asset the factory built (see `dvc_stages`), by asset key.
 DVC_STAGES: dict[str, dict[str, Any]] = {}
 
@@ -145,6 +147,7 @@ def stage_asset(
     params: Sequence[str] = (),
     partitions_def: dg.PartitionsDefinition | None = None,
     after: Callable[[dg.AssetExecutionContext, StageResult], None] | None = None,
+    dvc_metrics: bool = False,
 ) -> dg.AssetsDefinition:
     """The asset of `stage`: its key, input assets (plus `deps`), group, checks and code
     version, and the one materialization body.
@@ -153,7 +156,8 @@ def stage_asset(
     dvc.lock records them with the stage's own. A partitioned stage writes its partitions'
     files into the live folder itself (each one atomically) and runs all the partitions of a
     run in one step. `after` adds the few Dagster-only lines an asset needs (e.g. syncing
-    partitions).
+    partitions). With `dvc_metrics` the held-out metrics are also written to
+    `metrics/<key>.json`, which dvc.yaml lists as the stage's metrics (`dvc metrics show`).
     """
     key = stage.name
     code = code_files(stage, module)
@@ -167,6 +171,8 @@ def stage_asset(
         "params": [key, *params],
         "outs": [f"{ASSETS}/{key}"],
     }
+    if dvc_metrics:  # outside the out folder, which DVC would not let a metric overlap
+        DVC_STAGES[key]["metrics"] = [{f"{METRICS_DIR}/{key}.json": {"cache": False}}]
     fields: dict[str, Any] = {}
     if stage.trains:
         fields["resume"] = (bool, True)  # how to run, not what: no part of the config
@@ -220,6 +226,10 @@ def stage_asset(
                 with staged(context, key, storage, checks) as version:
                     result = run_stage(stage, cfg, inputs, version.path, log)
                 checked = version.checks
+            if dvc_metrics:
+                metrics_path = Path(dvc.repo_dir) / METRICS_DIR / f"{key}.json"
+                metrics_path.parent.mkdir(exist_ok=True)
+                write_json(metrics_path, result.metrics)
             mlflow.log_metrics(result.metrics | result.speed)
             for name, image in result.images.items():
                 mlflow.log_image(image, f"{name}.png")
@@ -230,6 +240,8 @@ def stage_asset(
             metadata |= {name: _metadata_value(v) for name, v in figures.items()}
             if result.examples:
                 metadata["examples"] = captioned_images(result.examples)
+            metadata |= {name: markdown_table(rows) for name, rows in result.tables.items()}
+            metadata |= {name: markdown_image(image) for name, image in result.images.items()}
             if result.register:
                 metadata["registered_version"] = mlflow_tracker.register(
                     key, storage.asset_dir(key)

@@ -21,3 +21,19 @@ def captioned_images(rows: list[tuple[Image.Image, str]], scale: int = 3) -> dg.
         text = caption.replace("|", "\\|").replace("\n", " ") or "*(empty)*"
         lines.append(f"| ![]({png_data_uri(big)}) | {text} |")
     return dg.MetadataValue.md("\n".join(lines))
+
+
+def markdown_image(image: Image.Image) -> dg.MetadataValue:
+    return dg.MetadataValue.md(f"![]({png_data_uri(image)})")
+
+
+def markdown_table(rows: list[dict[str, object]]) -> dg.MetadataValue:
+    """Rows of equal keys as a Markdown table; floats to 3 decimals."""
+    if not rows:
+        return dg.MetadataValue.md("*(no rows)*")
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()]
+        lines.append("| " + " | ".join(cells) + " |")
+    return dg.MetadataValue.md("\n".join(lines))

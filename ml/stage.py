@@ -104,14 +104,15 @@ class StageResult:
     """What a stage measured and made. `metrics` are written to `metrics.json` in the output
     folder, where the asset checks read them; `speed` (samples/s and the like) goes to the
     run's record only, so the same inputs give the same bytes; `examples` are (image, caption)
-    rows to show; `files` are JSON documents for the run's record; `register` asks for a
-    model version."""
+    rows to show; `tables` are lists of rows (dicts with the same keys) to show; `files` are
+    JSON documents for the run's record; `register` asks for a model version."""
 
     metrics: dict[str, float]
     speed: dict[str, float] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
     images: dict[str, Image.Image] = field(default_factory=dict)
     examples: list[tuple[Image.Image, str]] = field(default_factory=list)
+    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     files: dict[str, Any] = field(default_factory=dict)
     register: bool = False
 

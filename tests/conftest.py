@@ -116,6 +116,14 @@ SMALL_PARAMS = {
         "train": {"steps": 2, "batch_size": 4, "log_every": 1},
         "eval": {"prompts": 9, "sampling_steps": 2},
     },
+    "clip_s_eval": {
+        "images_per_prompt": 1,
+        "captions": 8,
+        "teacher_steps": 2,
+        "student_steps": 1,
+        "batch_size": 16,
+        "grid_prompts": 2,
+    },
     # tiny models: the blocking floors are open, the tests that need them raise them
     "checks": {"clip_color_preference": 0.0, "clip_recall_over_chance": 0.0},
 }

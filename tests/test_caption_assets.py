@@ -1,6 +1,7 @@
 """In-process materialization of the whole graph on a tiny toy profile: the caption stages, then
 the text-to-image models that learn from their captions."""
 
+import itertools
 import json
 import subprocess
 import sys
@@ -13,14 +14,14 @@ import pytest
 import yaml
 from conftest import web_source, write_web_shards
 
-from dalle3_dag import captioner, data, text_to_image
+from dalle3_dag import captioner, data, evaluation, text_to_image
 from dalle3_dag.partitions import SHARDS
 from ml.data.mixed import MixManifest
 from ml.data.mixed_dataset import MixedDataset
-from ml.data.shapeworld import ShapeWorldConfig, generate
+from ml.data.shapeworld import EVAL_CATEGORIES, ShapeWorldConfig, generate
 from ml.stage import read_metrics
 
-MODULES = [data, captioner, text_to_image]
+MODULES = [data, captioner, text_to_image, evaluation]
 ASSETS = dg.load_assets_from_modules(MODULES)
 CHECKS = dg.load_asset_checks_from_modules(MODULES)
 UNPARTITIONED = ["raw_pairs", "clip_encoder", "captioner_base", "captioner_ssc", "captioner_dsc"]
@@ -195,6 +196,38 @@ def test_whole_graph_end_to_end(project, instance, tmp_path):
         str(tmp_path / "teacher.png"),
     )
     assert teacher.returncode == 0 and "diffusion_model" in teacher.stdout
+
+    # evaluation: CLIP-S in both settings and variants, every category for both models
+    evaluated = materialize(project, instance, ["clip_s_eval"])
+    (event,) = evaluated.asset_materializations_for_node("clip_s_eval")
+    folder = project.storage.asset_dir("clip_s_eval")
+    metrics = read_metrics(folder)
+    for model in ("teacher", "student"):
+        for variant, setting in itertools.product(("paper", "hessel"), ("alt", "descriptive")):
+            assert f"{model}_clip_s_{variant}_{setting}" in metrics
+        for style, category in itertools.product(("descriptive", "short"), EVAL_CATEGORIES):
+            assert metrics[f"{model}_{style}_{category}_n"] == 2  # 2 prompts x 1 image
+        assert (folder / f"{model}_samples.png").is_file()
+    assert "| teacher | descriptive |" in event.metadata["prompt_following"].value
+    # DVC lists the figures, from the metrics file dvc.lock records
+    assert json.loads((project.root / "metrics" / "clip_s_eval.json").read_text()) == metrics
+    shown = subprocess.run(
+        [sys.executable, "-m", "dvc", "metrics", "show", "--json"],
+        cwd=project.root,
+        capture_output=True,
+        text=True,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "teacher_clip_s_paper_descriptive" in shown.stdout
+    checks = {c.check_name: c for c in evaluated.get_asset_check_evaluations()}
+    assert set(checks) == {"clip_s_eval_prompt_following", "clip_s_eval_clip_s"}
+    # a floor above the score fails its check (not blocking: the eval still goes live)
+    params = yaml.safe_load((project.root / "params.yaml").read_text())
+    params["checks"]["eval_clip_s"] = metrics["teacher_clip_s_paper_descriptive"] + 1
+    (project.root / "params.yaml").write_text(yaml.safe_dump(params))
+    again = materialize(project, instance, ["clip_s_eval"])
+    checks = {c.check_name: c for c in again.get_asset_check_evaluations()}
+    assert not checks["clip_s_eval_clip_s"].passed
 
 
 def test_whole_graph_runs_from_a_webdataset_folder(project, instance, tmp_path):
