@@ -2,6 +2,7 @@
 
 import dataclasses
 import fcntl
+import io
 import multiprocessing
 import os
 import shutil
@@ -17,6 +18,7 @@ from typing import Any
 
 import dagster as dg
 import yaml
+from ruamel.yaml import YAML
 
 from dalle3_dag.project import DVC_REPRO_ENV, PROJECT_DIR
 from ml.files import split_s3, write_atomic
@@ -265,10 +267,15 @@ class DvcResource(dg.ConfigurableResource):
         with _exclusive(Path(self.repo_dir) / ".dvc" / "tmp" / "dalle3-commit.lock"):
             self._dvc("--wait-for-lock", "commit", "--force", "--quiet", stage)
             if params:
-                data = yaml.safe_load(lock.read_text())
+                # YAML 1.2, as DVC writes it: PyYAML's 1.1 would read a "no" DVC left unquoted
+                # as false and record a value that never ran
+                lock_yaml = YAML()
+                data = lock_yaml.load(lock.read_text())
                 recorded = data["stages"][stage].setdefault("params", {})
                 recorded.setdefault("params.yaml", {}).update(params)
-                write_atomic(lock, yaml.safe_dump(data, sort_keys=False).encode())
+                text = io.StringIO()
+                lock_yaml.dump(data, text)
+                write_atomic(lock, text.getvalue().encode())
         return self.out_hash(stage)
 
     def out_hash(self, stage: str) -> str | None:
