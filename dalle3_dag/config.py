@@ -25,8 +25,8 @@ class CheckFloors:
     dsc_attribute_precision: float = 0.9
     prompt_following_over_chance: float = 2.0  # accuracy / chance, for colour and position
     student_max_gap: float = 0.10  # how far the 2-step student may trail the teacher
-    eval_prompt_following: float = 0.1  # the teacher's GenEval overall, descriptive prompts
-    eval_clip_s: float = 10.0  # the teacher's CLIP-S (paper's variant), descriptive captions
+    eval_prompt_following: float = 0.03  # the teacher's GenEval overall, descriptive prompts
+    eval_clip_s: float = 30.0  # the teacher's CLIP-S (paper's variant), descriptive captions
 
 
 def floors() -> CheckFloors:
