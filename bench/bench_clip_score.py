@@ -99,6 +99,25 @@ def to_hf(model: open_clip.CLIP, folder: Path) -> CLIPProcessor:
     return CLIPProcessor(image_processor(visual), tokenizer(folder, model.context_length))
 
 
+class FeaturesAsTensors(torch.nn.Module):
+    """torchmetrics 1.9 expects `get_*_features` to return tensors; transformers 5 returns an
+    output object whose pooled, projected features are `pooler_output`."""
+
+    def __init__(self, model: CLIPModel) -> None:
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def get_image_features(self, *args: object, **kwargs: object) -> torch.Tensor:
+        return _tensor(self.model.get_image_features(*args, **kwargs))
+
+    def get_text_features(self, *args: object, **kwargs: object) -> torch.Tensor:
+        return _tensor(self.model.get_text_features(*args, **kwargs))
+
+
+def _tensor(output: object) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
 def image_processor(visual: torch.nn.Module) -> CLIPImageProcessor:
     size = visual.image_size[0]
     cfg = visual.preprocess_cfg
@@ -186,7 +205,7 @@ def main() -> None:
           f"{size} px, {args.threads} threads, best of {args.rounds} rounds")
     with tempfile.TemporaryDirectory() as folder:
         processor = to_hf(model, Path(folder))
-        hf = CLIPModel.from_pretrained(folder).eval()
+        hf = FeaturesAsTensors(CLIPModel.from_pretrained(folder).eval())
         compare("short captions", model, preprocess, tok, hf, processor, images, short,
                 args.rounds)
         long = [" ".join([s.meta["descriptive_caption"]] * 4) for s in samples[:32]]
