@@ -229,11 +229,11 @@ def generate(args: argparse.Namespace) -> int:
 
 def dvc_yaml(args: argparse.Namespace) -> int:
     """Write dvc.yaml from the asset definitions (or, with --check, fail if it differs)."""
-    from dalle3_dag.definitions import defs  # noqa: F401  (builds the assets)
+    from dalle3_dag.definitions import STAGES  # builds the assets
     from dalle3_dag.factory import dvc_yaml as render
     from dalle3_dag.project import PROJECT_DIR
 
-    path, text = PROJECT_DIR / "dvc.yaml", render()
+    path, text = PROJECT_DIR / "dvc.yaml", render([stage.name for stage in STAGES])
     if args.check:
         if path.read_text() != text:
             print(f"{path} is out of date: run `dalle3 dvc-yaml`", file=sys.stderr)

@@ -5,8 +5,14 @@ from pathlib import Path
 
 import yaml
 
-from dalle3_dag.definitions import defs
-from dalle3_dag.factory import dvc_yaml
+from dalle3_dag.definitions import STAGES, defs
+from dalle3_dag.factory import dvc_yaml as render
+
+ORDER = [stage.name for stage in STAGES]
+
+
+def dvc_yaml() -> str:
+    return render(ORDER)
 
 REPO = Path(__file__).resolve().parents[1]
 
