@@ -100,12 +100,17 @@ def single_object_prompts(seed: int, n: int) -> list[dict[str, Any]]:
     truth is the upsampler here, so the score measures the image model alone.
     """
     prompts = [p for p in eval_prompts(seed, per_category=n) if p["category"] == "position"]
-    out = []
-    for p in prompts:
-        scene = Scene.from_dict(p["scene"])
-        rng = random.Random(f"{seed}/{p['prompt']}")
-        out.append(p | {"scene": scene, "descriptive": descriptive_caption(scene, rng)})
-    return out
+    return [
+        p | {"scene": Scene.from_dict(p["scene"]), "descriptive": descriptive_prompt(p, seed)}
+        for p in prompts
+    ]
+
+
+def descriptive_prompt(prompt: dict[str, Any], seed: int) -> str:
+    """A held-out prompt upsampled by the ground truth: its target scene's descriptive
+    caption, seeded by the prompt."""
+    scene = Scene.from_dict(prompt["scene"])
+    return descriptive_caption(scene, random.Random(f"{seed}/{prompt['prompt']}"))
 
 
 def evaluate_prompt_following(

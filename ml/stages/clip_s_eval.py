@@ -12,7 +12,6 @@ For each model, with fixed seeds:
 """
 
 import json
-import random
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +26,9 @@ SCORES = "scores.json"  # per-image verdicts and per-pair CLIP-S, for a look aft
 
 def prompt_texts(prompts: list[dict[str, Any]], style: str, seed: int) -> list[str]:
     """Each held-out prompt as written, or as its target scene's descriptive caption."""
-    from ml.data.shapeworld import Scene, descriptive_caption
+    from ml.eval.oracle import descriptive_prompt
 
-    if style == "short":
-        return [p["prompt"] for p in prompts]
-    return [
-        descriptive_caption(Scene.from_dict(p["scene"]), random.Random(f"{seed}/{p['prompt']}"))
-        for p in prompts
-    ]
+    return [p["prompt"] if style == "short" else descriptive_prompt(p, seed) for p in prompts]
 
 
 def run(cfg: ClipSEvalConfig, inputs: Inputs, out: Path, log: Log) -> StageResult:
@@ -87,7 +81,9 @@ def run(cfg: ClipSEvalConfig, inputs: Inputs, out: Path, log: Log) -> StageResul
             clip_rows.append(row)
         for style in STYLES if prompts else ():
             repeated = [p for p in prompts for _ in range(cfg.images_per_prompt)]
-            generated = sample(pipe, prompt_texts(repeated, style, cfg.seed), steps, cfg)
+            texts = [t for t in prompt_texts(prompts, style, cfg.seed)
+                     for _ in range(cfg.images_per_prompt)]  # fmt: skip
+            generated = sample(pipe, texts, steps, cfg)
             scores = score_by_category(generated, repeated)
             metrics |= {f"{name}_{style}_{k}": v for k, v in scores.items()}
             oracle_rows.append({"model": name, "prompts": style} | {
