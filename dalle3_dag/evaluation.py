@@ -34,6 +34,7 @@ clip_s_eval = stage_asset(
     checks=[clip_s_eval_prompt_following, clip_s_eval_clip_s],
     params=[CHECKS],
     dvc_metrics=True,
+    plots={"prompt_following": {"x": "accuracy", "y": "case", "template": "bar_horizontal"}},
     description=(
         "CLIP-S (the paper's and Hessel's) of the teacher and the 2-step student on the eval "
         "split's alt-text and descriptive captions, and GenEval-style prompt following per "

@@ -12,7 +12,7 @@ import hashlib
 import time
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +25,15 @@ from dalle3_dag.metadata import captioned_images, markdown_image, markdown_table
 from dalle3_dag.project import PROJECT_DIR, TRAINING_TAGS, effective_params, resolve
 from dalle3_dag.resources import DvcResource, MlflowResource, StorageResource
 from dalle3_dag.versioning import FolderCheck, check_specs, commit, staged, tracked_run
-from ml.files import write_json
+from ml.files import write_csv, write_json
 from ml.stage import Inputs, Stage, StageResult, run_stage
 
 CHECKPOINTS = ".checkpoints"
 KINDS = {"pytorch", "mlflow", "dvc"}
 ASSETS = "assets"
 METRICS_DIR = "metrics"  # DVC metrics files, tracked by git
+PLOTS_DIR = "plots"  # DVC plots files (`plots/<key>/<name>.csv`), tracked by git
+LOSS_PLOT = {"x": "step", "y": "loss"}  # every trainer's curve (`TrainResult.curve`)
 # What dvc.yaml says of each asset the factory built (see `dvc_stages`), by asset key.
 DVC_STAGES: dict[str, dict[str, Any]] = {}
 
@@ -148,6 +150,7 @@ def stage_asset(
     partitions_def: dg.PartitionsDefinition | None = None,
     after: Callable[[dg.AssetExecutionContext, StageResult], None] | None = None,
     dvc_metrics: bool = False,
+    plots: Mapping[str, Mapping[str, str]] | None = None,
 ) -> dg.AssetsDefinition:
     """The asset of `stage`: its key, input assets (plus `deps`), group, checks and code
     version, and the one materialization body.
@@ -158,6 +161,9 @@ def stage_asset(
     run in one step. `after` adds the few Dagster-only lines an asset needs (e.g. syncing
     partitions). With `dvc_metrics` the held-out metrics are also written to
     `metrics/<key>.json`, which dvc.yaml lists as the stage's metrics (`dvc metrics show`).
+    `plots` (name -> DVC plot properties: x, y, template) are the stage's `curves`, written
+    to `plots/<key>/<name>.csv` and listed as its plots (`dvc plots show`); a trainer also has
+    its loss curve.
     """
     key = stage.name
     code = code_files(stage, module)
@@ -173,6 +179,12 @@ def stage_asset(
     }
     if dvc_metrics:  # outside the out folder, which DVC would not let a metric overlap
         DVC_STAGES[key]["metrics"] = [{f"{METRICS_DIR}/{key}.json": {"cache": False}}]
+    plots = {**({"loss": LOSS_PLOT} if stage.trains else {}), **(plots or {})}
+    if plots:
+        DVC_STAGES[key]["plots"] = [
+            {f"{PLOTS_DIR}/{key}/{name}.csv": {"cache": False, **props}}
+            for name, props in plots.items()
+        ]
     fields: dict[str, Any] = {}
     if stage.trains:
         fields["resume"] = (bool, True)  # how to run, not what: no part of the config
@@ -230,6 +242,8 @@ def stage_asset(
                 metrics_path = Path(dvc.repo_dir) / METRICS_DIR / f"{key}.json"
                 metrics_path.parent.mkdir(exist_ok=True)
                 write_json(metrics_path, result.metrics)
+            for name, props in plots.items():
+                write_plot(Path(dvc.repo_dir) / PLOTS_DIR / key, name, props, result)
             mlflow.log_metrics(result.metrics | result.speed)
             for name, image in result.images.items():
                 mlflow.log_image(image, f"{name}.png")
@@ -259,6 +273,18 @@ def stage_asset(
         return materialized
 
     return _asset
+
+
+def write_plot(
+    folder: Path, name: str, props: Mapping[str, str], result: StageResult
+) -> None:
+    """A declared plot's rows as CSV; a stage that made no curve (a pretrained model) writes
+    the header alone, so the file DVC tracks always exists."""
+    if name not in result.curves:
+        raise KeyError(f"the stage returned no curve {name!r} for its DVC plot")
+    rows = result.curves[name]
+    folder.mkdir(parents=True, exist_ok=True)
+    write_csv(folder / f"{name}.csv", rows, list(rows[0]) if rows else [props["x"], props["y"]])
 
 
 def dvc_yaml(order: Sequence[str]) -> str:

@@ -26,7 +26,7 @@ from ml.data.sample import Sample
 from ml.data.shapeworld import SHAPES, Scene, descriptive_caption, scene_of, visible_colors
 from ml.files import write_atomic, write_json
 from ml.stage import NO_LOG, Log
-from ml.train import Shuffled, train
+from ml.train import Shuffled, TrainResult, train
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"  # the name open_clip's local-dir loader prefers
@@ -62,7 +62,7 @@ def train_toy_clip(
     log: Log = NO_LOG,
     work: Path | None = None,
     resume: bool = True,
-) -> open_clip.CLIP:
+) -> tuple[open_clip.CLIP, TrainResult]:
     """Train a toy CLIP with the CLIP loss on images and descriptive captions of their scenes.
 
     In-batch negatives alone are too easy: captions of different scenes differ in many words,
@@ -97,9 +97,9 @@ def train_toy_clip(
         cfg.train.seed,
         lambda index, gen: clip_batch(images, scenes, fixed, tokenizer, cfg, index, gen),
     )
-    train([ContrastiveLoss(model)], lambda modules, batch, _: modules[0](*batch), batches,
-          cfg.train, log, work, resume)  # fmt: skip
-    return model
+    result = train([ContrastiveLoss(model)], lambda modules, batch, _: modules[0](*batch),
+                   batches, cfg.train, log, work, resume)  # fmt: skip
+    return model, result
 
 
 def encode_tokens(model: open_clip.CLIP, token_ids: torch.Tensor, chunks: int) -> torch.Tensor:

@@ -1,7 +1,10 @@
 """The one way files are written (atomically) and S3 URIs are read, for `ml` and `dalle3_dag`."""
 
+import csv
+import io
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -29,6 +32,15 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 def write_json(path: Path, value: Any) -> None:
     write_atomic(Path(path), (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
+
+
+def write_csv(path: Path, rows: Sequence[dict[str, Any]], fields: Sequence[str]) -> None:
+    """Rows (dicts with the keys `fields`) as a CSV file with a header, even with no rows."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(fields), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(Path(path), buffer.getvalue().encode())
 
 
 def split_s3(uri: str) -> tuple[str, str]:

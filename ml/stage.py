@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from PIL import Image
 
 from ml.config import build_config, load_config, to_dict
-from ml.files import write_json
+from ml.files import write_csv, write_json
 
 METRICS_FILE = "metrics.json"
 # Not config.json: transformers and diffusers own that name inside model folders.
@@ -105,7 +105,8 @@ class StageResult:
     folder, where the asset checks read them; `speed` (samples/s and the like) goes to the
     run's record only, so the same inputs give the same bytes; `examples` are (image, caption)
     rows to show; `tables` are lists of rows (dicts with the same keys) to show; `files` are
-    JSON documents for the run's record; `register` asks for a model version."""
+    JSON documents for the run's record; `curves` are the rows of the stage's DVC plots (a
+    trainer's "loss": `TrainResult.curve`); `register` asks for a model version."""
 
     metrics: dict[str, float]
     speed: dict[str, float] = field(default_factory=dict)
@@ -114,6 +115,7 @@ class StageResult:
     examples: list[tuple[Image.Image, str]] = field(default_factory=list)
     tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     files: dict[str, Any] = field(default_factory=dict)
+    curves: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     register: bool = False
 
 
@@ -176,7 +178,8 @@ def main(stages: Sequence[Stage], argv: Sequence[str] | None = None) -> None:
     """`python -m ml.stages.<module> --config FILE --out DIR`: one stage from the command line.
 
     Input folders default to `--assets/<input key>`; checkpoints go to `--work` (default
-    `<out>.work`), logs and sample images to `<out>.log`. Prints the result's metrics as JSON.
+    `<out>.work`), logs, sample images and curves (`<name>.csv`) to `<out>.log`. Prints the
+    result's metrics as JSON.
     """
     by_name = {stage.name: stage for stage in stages}
     parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__)
@@ -212,4 +215,8 @@ def main(stages: Sequence[Stage], argv: Sequence[str] | None = None) -> None:
     )
     log = ConsoleLog(args.out.with_name(args.out.name + ".log"))
     result = run_stage(stage, cfg, inputs, args.out, log)
+    for name, rows in result.curves.items():
+        if rows:
+            log.folder.mkdir(parents=True, exist_ok=True)
+            write_csv(log.folder / f"{name}.csv", rows, list(rows[0]))
     print(json.dumps(result.metrics, sort_keys=True), flush=True)

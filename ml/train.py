@@ -20,7 +20,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,6 +31,7 @@ from ml.config import TrainConfig
 from ml.stage import NO_LOG, Log
 
 CHECKPOINTS = "checkpoints"
+CURVE = "curve.json"  # the logged points so far, in each checkpoint
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
@@ -173,6 +174,9 @@ def _load_modules(modules: dict[str, torch.nn.Module], directory: Path) -> None:
 
 @dataclass
 class TrainResult:
+    """How a run went; `curve` holds the logged points ({step, loss, lr}) of all its runs, a
+    resumed one's included, for DVC plots."""
+
     steps: int
     finished: bool
     resumed_from: int | None
@@ -180,6 +184,7 @@ class TrainResult:
     seconds: float
     samples_per_s: float
     processes: int
+    curve: list[dict[str, float]] = field(default_factory=list)
 
 
 def fused_adamw(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
@@ -235,7 +240,7 @@ def train(
     *prepared, optimizer, scheduler = accelerator.prepare(*modules, optimizer, scheduler)
     ema = EMAModel(params, decay=cfg.ema_decay, foreach=True) if cfg.ema_decay else None
 
-    start = 0
+    start, curve = 0, []
     done_steps = checkpoint_steps(work) if work is not None and resume else []
     if done_steps:
         directory = Path(work) / CHECKPOINTS / f"step-{done_steps[-1]}"
@@ -246,6 +251,8 @@ def train(
         position = json.loads((directory / f"data-{accelerator.process_index}.json").read_text())
         start = position.pop("step")
         batches.load_state_dict(position)
+        if (directory / CURVE).is_file():
+            curve = json.loads((directory / CURVE).read_text())
 
     @contextmanager
     def ema_weights() -> Iterator[None]:
@@ -284,15 +291,21 @@ def train(
             for module in modules:
                 module.train()
         if done % cfg.log_every == 0 or done == end:
-            log.metrics(done, cfg.steps, {
+            point = {
+                "step": done,
                 "loss": sum(losses[logged - start :]) / (done - logged),
                 "lr": scheduler.get_last_lr()[0],
+            }
+            curve.append(point)
+            log.metrics(done, cfg.steps, {
+                "loss": point["loss"],
+                "lr": point["lr"],
                 "grad_norm": float(grad_norm),
                 "samples_per_s": samples_per_step * (done - logged) / window,
             })  # fmt: skip
             logged, total_seconds, window = done, total_seconds + window, 0.0
         if work is not None and (done % cfg.checkpoint_every == 0 or done == end):
-            _save_checkpoint(accelerator, cfg, ema, extra, batches, done, Path(work))
+            _save_checkpoint(accelerator, cfg, ema, extra, batches, done, Path(work), curve)
 
     finished = end == cfg.steps
     if finished and ema is not None:
@@ -308,6 +321,7 @@ def train(
         seconds=total_seconds,
         samples_per_s=samples_per_step * len(losses) / total_seconds if total_seconds else 0.0,
         processes=accelerator.num_processes,
+        curve=curve,
     )
 
 
@@ -319,6 +333,7 @@ def _save_checkpoint(
     batches: Batches,
     step: int,
     work: Path,
+    curve: list[dict[str, float]],
 ) -> None:
     """`checkpoints/step-N`, complete or absent; the newest `keep_checkpoints` kept."""
     root = work / CHECKPOINTS
@@ -332,6 +347,7 @@ def _save_checkpoint(
     (temp / f"data-{accelerator.process_index}.json").write_text(json.dumps(position))
     if accelerator.is_main_process:
         _save_modules(extra, temp)
+        (temp / CURVE).write_text(json.dumps(curve))
         if ema is not None:
             _save_ema(ema, temp)
     accelerator.wait_for_everyone()

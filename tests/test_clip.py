@@ -3,7 +3,6 @@
 import json
 import random
 import re
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -52,17 +51,6 @@ def tiny_config(tower: str = "vit", **train: int | float) -> ClipConfig:
         train=TrainConfig(**train),
         **vision,
     )
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Train on one thread: as fast for a tiny model, and on a shared CI machine a second
-    thread stalls at every barrier whenever a neighbour holds its core (measured: 10x slower).
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -251,9 +239,11 @@ def test_short_training_lowers_the_loss_and_beats_chance_on_held_out_scenes(
 ) -> None:
     cfg = tiny_config(steps=80, batch_size=64, lr=3e-3, warmup_steps=5, log_every=10)
     log = RecordingLog()
-    model = train_toy_clip(list(generate(256, 0, ShapeWorldConfig(), "clip")), cfg, log)
+    model, trained = train_toy_clip(list(generate(256, 0, ShapeWorldConfig(), "clip")), cfg, log)
     losses = [values["loss"] for *_, values in log.figures]
     assert losses[-1] < 0.8 * losses[0]
+    assert [p["loss"] for p in trained.curve] == losses
+    assert [p["step"] for p in trained.curve] == list(range(10, 81, 10))
 
     preprocess, tokenizer = toy_transforms(cfg)
     recall = retrieval_recall(model, preprocess, tokenizer, eval_samples)

@@ -2,7 +2,6 @@
 and latent space, and exact resumption after a SIGKILL."""
 
 import json
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -56,18 +55,9 @@ TINY = DiffusionConfig(
     ),
 )
 PROMPTS = ["a red circle in the top left corner", "a large blue square on the right"]
+pytestmark = pytest.mark.usefixtures("one_thread")  # every test here: see conftest
 # What the toy BPE tokenizer learns its vocabulary from when a test builds a model directly.
 CORPUS = [s.meta["descriptive_caption"] for s in generate(50, 0, ShapeWorldConfig(), "corpus")]
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny tensors gain nothing from intra-op threads, and on a shared CPU threads thrash
-    (measured: 10x slower sampling with 2 threads while other jobs run)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

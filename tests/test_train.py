@@ -123,6 +123,10 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(stage, assets: Path, tm
     unequal = [k for k in whole if not torch.equal(resumed[k], whole[k])]
     assert not unequal, f"{len(unequal)} tensors differ, e.g. {unequal[:3]}"
     assert checkpoint_steps(run)[-1] == TRAIN["steps"]
+    # the loss curve holds every step, those before the kill included, as the whole run's
+    curve = (cut.with_name("cut.log") / "loss.csv").read_text()
+    assert curve == (tmp_path / "whole.log" / "loss.csv").read_text()
+    assert len(curve.splitlines()) == 1 + TRAIN["steps"]
 
 
 def test_warmup_then_cosine_to_a_tenth() -> None:

@@ -101,6 +101,54 @@ class DiffusionConfig:
             )
 
 
+def _toy_autoencoder_train() -> TrainConfig:
+    return TrainConfig(
+        steps=1500, batch_size=32, lr=1e-3, warmup_steps=50, log_every=10, checkpoint_every=100
+    )
+
+
+@dataclass
+class AutoencoderConfig:
+    """The `image_autoencoder` stage: diffusers' `AutoencoderKL`, trained on ShapeWorld renders
+    (`source: toy`) or a pretrained one (SD's VAE) copied from a local folder.
+
+    Each level past the first halves the side, so the toy's three take 32-px images to 8x8x4
+    latents. The loss is L1 plus a small KL term, which keeps the latents near a unit Gaussian
+    without blurring flat colours; the latents' scaling factor is measured after training.
+    """
+
+    source: str = "toy"  # "toy", or a local AutoencoderKL directory
+    split: str = "train"  # raw_pairs' split of renders it learns from
+    image_size: int = 32
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    norm_num_groups: int = 16
+    kl_weight: float = 1e-6
+    eval_images: int = 512  # of the eval split, for PSNR
+    train: TrainConfig = field(default_factory=_toy_autoencoder_train)
+
+    def __post_init__(self) -> None:
+        self.block_out_channels = tuple(self.block_out_channels)  # JSON gives a list
+        for name in ("image_size", "layers_per_block", "latent_channels", "norm_num_groups",
+                     "eval_images"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if any(c % self.norm_num_groups for c in self.block_out_channels):
+            raise ValueError(
+                f"every block_out_channels entry must divide by norm_num_groups="
+                f"{self.norm_num_groups}, got {self.block_out_channels}"
+            )
+        if self.image_size % 2 ** (len(self.block_out_channels) - 1):
+            raise ValueError(
+                f"image_size {self.image_size} must divide by 2 per autoencoder downsampling"
+            )
+        if self.kl_weight < 0:
+            raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight}")
+        if self.split == "eval":
+            raise ValueError("split: the autoencoder is scored on 'eval', so it cannot learn it")
+
+
 def _toy_distill() -> TrainConfig:
     return TrainConfig(
         steps=600, batch_size=16, lr=2e-4, warmup_steps=20, log_every=10, checkpoint_every=100

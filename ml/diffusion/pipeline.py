@@ -235,7 +235,7 @@ class TextToImagePipeline(DiffusionPipeline):
         return self.unet.config.time_cond_proj_dim is not None
 
 
-def _existing_dir(path: str, what: str) -> Path:
+def existing_dir(path: str, what: str) -> Path:
     directory = Path(path)
     if not directory.is_dir():
         raise FileNotFoundError(f"{what} directory not found: {path}")
@@ -260,7 +260,7 @@ def build_text_encoder(
     toy: a small random T5 encoder, dropout off so training is a pure function of the seed and
     the step, reading BPE tokens learned from `corpus` or ByT5's bytes (`cfg.tokenizer`)."""
     if cfg.text_encoder_path:
-        directory = _existing_dir(cfg.text_encoder_path, "text_encoder_path")
+        directory = existing_dir(cfg.text_encoder_path, "text_encoder_path")
         encoder = T5EncoderModel.from_pretrained(directory)
         tokenizer = AutoTokenizer.from_pretrained(directory)
     else:
@@ -303,7 +303,7 @@ def build_pipeline(cfg: DiffusionConfig, corpus: Sequence[str] = ()) -> TextToIm
         vae = None
         channels, size = 3, cfg.image_size
         if cfg.vae_path:
-            vae = AutoencoderKL.from_pretrained(_existing_dir(cfg.vae_path, "vae_path"))
+            vae = AutoencoderKL.from_pretrained(existing_dir(cfg.vae_path, "vae_path"))
             vae.requires_grad_(False)
             channels = vae.config.latent_channels
             size //= 2 ** (len(vae.config.block_out_channels) - 1)

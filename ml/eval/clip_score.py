@@ -9,8 +9,6 @@ Captions longer than the text context are cut by the tokenizer, which keeps the 
 token last (open_clip's `SimpleTokenizer`), so the pooled state is the right one.
 """
 
-import csv
-import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,7 +19,7 @@ import torch
 from PIL import Image
 
 from ml.clip import Preprocess, Tokenizer, encode_images, encode_texts
-from ml.files import write_atomic
+from ml.files import write_atomic, write_csv
 
 VARIANTS = ("paper", "hessel")
 HESSEL_PREFIX = "A photo depicts "
@@ -155,11 +153,6 @@ def write_per_pair(
         )
     ]
     if path.suffix == ".csv":
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        text = buffer.getvalue()
+        write_csv(path, rows, list(rows[0]))
     else:
-        text = "".join(json.dumps(row) + "\n" for row in rows)
-    write_atomic(path, text.encode())
+        write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows).encode())

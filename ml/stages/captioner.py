@@ -103,6 +103,7 @@ def run(kind: str, cfg: CaptionerStageConfig, inputs: Inputs, out: Path, log: Lo
         images={"samples": image_grid([image for image, _ in examples], scale=4)},
         examples=examples,
         files={"eval_captions.json": dict(zip((s.key for s in held_out), generated, strict=True))},
+        curves={"loss": trained.curve},
         register=True,
     )
 

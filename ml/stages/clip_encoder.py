@@ -23,9 +23,13 @@ def run(cfg: ClipConfig, inputs: Inputs, out: Path, log: Log) -> StageResult:
     if cfg.source == "toy":
         samples = load_split(raw, "clip")
         log.info(f"clip_encoder: {cfg.train.steps} steps on {len(samples)} clip-split samples")
-        model = train_toy_clip(samples, cfg, log, inputs.checkpoints(cfg), inputs.resume)
+        model, trained = train_toy_clip(
+            samples, cfg, log, inputs.checkpoints(cfg), inputs.resume
+        )
+        curves = {"loss": trained.curve}
     else:
         model, _, _ = load_clip(cfg)
+        curves = {"loss": []}  # pretrained here: no curve
     save_clip(model, cfg, out)
     model, preprocess, tokenizer = load_clip(out)
     held_out = load_split(raw, "eval")
@@ -37,7 +41,11 @@ def run(cfg: ClipConfig, inputs: Inputs, out: Path, log: Log) -> StageResult:
             metrics[f"{attribute}_preference"] = pairwise_preference(
                 model, preprocess, tokenizer, held_out, attribute
             )
-    return StageResult(metrics, metadata={"source": cfg.source, "held_out_samples": len(held_out)})
+    return StageResult(
+        metrics,
+        metadata={"source": cfg.source, "held_out_samples": len(held_out)},
+        curves=curves,
+    )
 
 
 STAGE = Stage("clip_encoder", ClipConfig, ("raw_pairs",), run, trains=True)

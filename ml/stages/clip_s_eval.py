@@ -65,6 +65,7 @@ def run(cfg: ClipSEvalConfig, inputs: Inputs, out: Path, log: Log) -> StageResul
     details: dict[str, Any] = {}
     clip_rows: list[dict[str, Any]] = []
     oracle_rows: list[dict[str, Any]] = []
+    bars: list[dict[str, Any]] = []  # the DVC plot: one bar per model, style and category
     for name, folder in models.items():
         pipe = TextToImagePipeline.from_pretrained(folder).to(device())
         pipe.set_progress_bar_config(disable=True)
@@ -91,6 +92,11 @@ def run(cfg: ClipSEvalConfig, inputs: Inputs, out: Path, log: Log) -> StageResul
                    f"{scores[f'{c}_high']:.2f}]"
                 for c in EVAL_CATEGORIES if f"{c}_accuracy" in scores
             } | {"overall": scores["overall_accuracy"]})  # fmt: skip
+            bars += [
+                {"case": f"{name} {style} {c}"}
+                | {k: scores[f"{c}_{k}"] for k in ("accuracy", "low", "high")}
+                for c in EVAL_CATEGORIES if f"{c}_accuracy" in scores
+            ]
             if style == "descriptive":
                 rows = _first_of_each(repeated, generated, cfg)
                 grid = image_grid([im for row in rows for _, im in row], cols=len(rows[0]), scale=4)
@@ -110,6 +116,7 @@ def run(cfg: ClipSEvalConfig, inputs: Inputs, out: Path, log: Log) -> StageResul
         images=images,
         examples=[(image, prompt["prompt"]) for image, prompt in examples],
         tables={"prompt_following": oracle_rows, "clip_s": clip_rows},
+        curves={"prompt_following": bars},
     )
 
 

@@ -104,6 +104,7 @@ def run(cfg: DiffusionConfig, inputs: Inputs, out: Path, log: Log) -> StageResul
             "text_encoder_parameters": sum(p.numel() for p in pipe.text_encoder.parameters()),
         },
         images={"prompt_following": grid},
+        curves={"loss": result.curve},
         register=True,
     )
 

@@ -60,6 +60,7 @@ def run(cfg: DistillConfig, inputs: Inputs, out: Path, log: Log) -> StageResult:
             "sampling_steps": cfg.eval.sampling_steps,
         },
         images={"teacher_vs_student": both},
+        curves={"loss": result.curve},
         register=True,
     )
 

@@ -1,0 +1,109 @@
+"""What limits a text-to-image model's colour: the instrument, the text encoder, guidance or
+the sampler, each measured on one trained `diffusion_model` (the fidelity issue's step 1).
+
+    python bench/bench_fidelity.py --model assets/diffusion_model [--prompts 72]
+
+1. The instrument: the single-object scorer (`oracle.find_object`) and the scene reader on
+   the prompts' ground-truth renders at the model's size, clean and blurred.
+2. The text encoder: a nearest-centroid probe of its pooled states (the U-Net's global
+   condition) for colour, shape and position, fitted on one half of the single-object
+   descriptive captions and tested on the other.
+3. Guidance scale and 4. sampler steps: the model's colour / position / both accuracy on the
+   descriptive prompts, with 95% Wilson intervals.
+Prints a Markdown table per part.
+"""
+
+import argparse
+import random
+from pathlib import Path
+
+import torch
+from PIL import ImageFilter
+
+from ml.data.shapeworld import COLORS, POSITIONS, SHAPES, Scene, SceneObject, render
+from ml.data.shapeworld import descriptive_caption as describe
+from ml.diffusion.pipeline import TextToImagePipeline, encode_prompts
+from ml.eval.oracle import (
+    evaluate_prompt_following,
+    score_by_category,
+    score_prompt_following,
+    single_object_prompts,
+    wilson,
+)
+
+
+def instrument(prompts: list[dict], size: int) -> None:
+    print(f"\n| renders at {size} px | blur (px) | colour | position | both | reader (GenEval) |")
+    print("|---|---|---|---|---|---|")
+    for blur in (0.0, 0.5, 1.0):
+        images = [render(p["scene"], 32).resize((size, size)) for p in prompts]
+        if blur:
+            images = [im.filter(ImageFilter.GaussianBlur(blur)) for im in images]
+        scores = score_prompt_following(images, [p["scene"] for p in prompts])
+        reader = score_by_category(images, prompts)["position_accuracy"]
+        print(f"| ground truth | {blur} | {scores['color_accuracy']:.3f} | "
+              f"{scores['position_accuracy']:.3f} | {scores['both_accuracy']:.3f} | {reader:.3f} |")
+
+
+@torch.no_grad()
+def probe(pipe: TextToImagePipeline, n: int = 864, seed: int = 0) -> None:
+    """Nearest-centroid accuracy of colour, shape and position from the pooled text states."""
+    rng = random.Random(seed)
+    scenes = [
+        Scene("white", "plain", (SceneObject(rng.choice(SHAPES), rng.choice(
+            [c for c in COLORS if c != "white"]), rng.choice(("small", "large")),
+            rng.choice(POSITIONS)),))  # fmt: skip
+        for _ in range(n)
+    ]
+    captions = [describe(scene, rng) for scene in scenes]
+    states, mask = encode_prompts(pipe.tokenizer, pipe.text_encoder, captions)
+    weights = mask.unsqueeze(-1).float()
+    pooled = torch.nn.functional.normalize((states * weights).sum(1) / weights.sum(1), dim=-1)
+    fit, test = slice(0, n // 2), slice(n // 2, n)
+    print("\n| attribute | classes | probe accuracy (held-out captions) | chance |")
+    print("|---|---|---|---|")
+    for attribute in ("color", "shape", "position"):
+        labels = [getattr(s.objects[0], attribute) for s in scenes]
+        classes = sorted(set(labels))
+        index = torch.tensor([classes.index(label) for label in labels])
+        centroids = torch.stack([pooled[fit][index[fit] == k].mean(0) for k in range(len(classes))])
+        predicted = (pooled[test] @ centroids.T).argmax(1)
+        accuracy = (predicted == index[test]).float().mean().item()
+        print(f"| {attribute} | {len(classes)} | {accuracy:.3f} | {1 / len(classes):.3f} |")
+
+
+def sweep(pipe: TextToImagePipeline, prompts: list[dict], settings: list[tuple]) -> None:
+    print("\n| guidance | DDIM steps | colour | position | both |")
+    print("|---|---|---|---|---|")
+    for guidance, steps in settings:
+        def generate(texts: list[str], g: float = guidance, s: int = steps) -> list:
+            return pipe(texts, s, g, seed=1)
+
+        scores, _ = evaluate_prompt_following(generate, prompts, style="descriptive")
+        n = int(scores["n"])
+        cells = []
+        for name in ("color", "position", "both"):
+            k = round(scores[f"{name}_accuracy"] * n)
+            low, high = wilson(k, n)
+            cells.append(f"{k / n:.3f} [{low:.2f}, {high:.2f}]")
+        print(f"| {guidance} | {steps} | " + " | ".join(cells) + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=Path("assets/diffusion_model"))
+    parser.add_argument("--prompts", type=int, default=72)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    pipe = TextToImagePipeline.from_pretrained(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = single_object_prompts(seed=1, n=args.prompts)
+    print(f"{args.model}: {pipe.image_size} px, {len(prompts)} single-object prompts")
+    instrument(prompts, pipe.image_size)
+    probe(pipe)
+    sweep(pipe, prompts, [(1.0, 25), (3.0, 25), (5.0, 25), (8.0, 25), (3.0, 10), (3.0, 50)])
+
+
+if __name__ == "__main__":
+    main()
