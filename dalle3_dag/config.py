@@ -27,8 +27,6 @@ class CheckFloors:
     student_max_gap: float = 0.10  # how far the 2-step student may trail the teacher
     eval_prompt_following: float = 0.03  # the teacher's GenEval overall, descriptive prompts
     eval_clip_s: float = 30.0  # the teacher's CLIP-S (paper's variant), descriptive captions
-    autoencoder_psnr: float = 30.0  # dB, reconstructions of held-out eval images
-    autoencoder_oracle: float = 0.98  # GenEval overall on reconstructed held-out scenes
 
 
 def floors() -> CheckFloors:

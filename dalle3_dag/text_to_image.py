@@ -1,38 +1,15 @@
-"""The text_to_image group: `image_autoencoder` (the VAE of latent diffusion), `diffusion_model`
-(T5 + U-Net) and `distilled_model` (2-step).
+"""The text_to_image group: `diffusion_model` (T5 + U-Net) and `distilled_model` (2-step).
 
-The two text-to-image models are scored on prompt following the same way (`ml.eval.oracle`):
-single-object prompts, the generated object's colour and position against the prompt's.
+Both are scored on prompt following the same way (`ml.eval.oracle`): single-object prompts,
+the generated object's colour and position against the prompt's.
 """
 
-from dalle3_dag.config import CHECKS, CheckFloors, metrics_check
+from dalle3_dag.config import CheckFloors, metrics_check
 from dalle3_dag.factory import stage_asset
 from ml.stages import diffusion_model as teacher
 from ml.stages import distilled_model as student
-from ml.stages import image_autoencoder as autoencoder
 
 KINDS = {"diffusers"}
-
-
-@metrics_check(
-    "Reconstructions of held-out eval images reach a PSNR of `checks.autoencoder_psnr` dB. "
-    "Blocking: the text-to-image model draws through this autoencoder.",
-    blocking=True,
-)
-def image_autoencoder_reconstructs(metrics: dict[str, float], floor: CheckFloors) -> bool:
-    return metrics["psnr"] >= floor.autoencoder_psnr
-
-
-@metrics_check(
-    "The prompt-following oracle reads reconstructions of the held-out prompts' target scenes "
-    "as it reads the scenes: GenEval's overall score at least `checks.autoencoder_oracle`. "
-    "Blocking: what the autoencoder loses, no model drawing through it gets back.",
-    needs="oracle_overall_accuracy",
-    unmeasured="raw_pairs has no held-out prompts (a webdataset source)",
-    blocking=True,
-)
-def image_autoencoder_keeps_scenes(metrics: dict[str, float], floor: CheckFloors) -> bool:
-    return metrics["oracle_overall_accuracy"] >= floor.autoencoder_oracle
 
 
 @metrics_check(
@@ -56,20 +33,6 @@ def distilled_model_keeps_up(metrics: dict[str, float], floor: CheckFloors) -> b
     return all(metrics[f"teacher_{name}"] - metrics[name] <= gap for name in student.COMPARED)
 
 
-image_autoencoder = stage_asset(
-    autoencoder.STAGE,
-    module=__name__,
-    group="text_to_image",
-    kinds=KINDS,
-    checks=[image_autoencoder_reconstructs, image_autoencoder_keeps_scenes],
-    # The blocking checks' floors decide what goes live, so they are the stage's params too.
-    params=[CHECKS],
-    description=(
-        "diffusers' AutoencoderKL whose latents the text-to-image model denoises: (toy) trained "
-        "on raw_pairs' training renders, or a pretrained one (SD's VAE) from a local path; "
-        "scored by reconstruction PSNR and the oracle on reconstructed held-out scenes."
-    ),
-)
 diffusion_model = stage_asset(
     teacher.STAGE,
     module=__name__,
