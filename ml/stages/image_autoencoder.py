@@ -1,4 +1,5 @@
-"""`image_autoencoder`: the VAE whose latents the text-to-image model denoises.
+"""`image_autoencoder`: the VAE whose latents the text-to-image model is to denoise (a stage,
+not yet an asset: the toy one does not reconstruct well enough yet, docs/benchmarks.md).
 
 A pretrained `AutoencoderKL` from a local folder (Stable Diffusion's on a real profile), or
 (toy) one trained on raw_pairs' renders of `split`, which the text-to-image model is never
