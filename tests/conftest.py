@@ -100,12 +100,6 @@ SMALL_PARAMS = {
     },
     "recaptioned_dataset": {"batch_size": 16, "max_new_tokens": 40},
     "mixed_training_set": {"caption_type": "dsc", "synthetic_ratio": 0.95, "seed": 0},
-    "image_autoencoder": {
-        "block_out_channels": [8, 16, 16],
-        "norm_num_groups": 4,
-        "eval_images": 8,
-        "train": {"steps": 4, "batch_size": 8, "log_every": 2, "checkpoint_every": 2},
-    },
     "diffusion_model": {
         "image_size": 16,
         "text_dim": 32,
