@@ -35,10 +35,9 @@ from ml.eval.oracle import (
 def instrument(prompts: list[dict], size: int) -> None:
     print(f"\n| renders at {size} px | blur (px) | colour | position | both | reader (GenEval) |")
     print("|---|---|---|---|---|---|")
+    renders = [render(p["scene"], 32).resize((size, size)) for p in prompts]
     for blur in (0.0, 0.5, 1.0):
-        images = [render(p["scene"], 32).resize((size, size)) for p in prompts]
-        if blur:
-            images = [im.filter(ImageFilter.GaussianBlur(blur)) for im in images]
+        images = [im.filter(ImageFilter.GaussianBlur(blur)) for im in renders] if blur else renders
         scores = score_prompt_following(images, [p["scene"] for p in prompts])
         reader = score_by_category(images, prompts)["position_accuracy"]
         print(f"| ground truth | {blur} | {scores['color_accuracy']:.3f} | "

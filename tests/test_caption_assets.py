@@ -49,6 +49,14 @@ def dalle3(project, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(cli), *args], env=project.env(), capture_output=True, text=True)
 
 
+def dvc_show(project, what: str) -> str:
+    """`dvc <what> show --json` in the project: its output, after it succeeded."""
+    cmd = [sys.executable, "-m", "dvc", what, "show", "--json"]
+    shown = subprocess.run(cmd, cwd=project.root, capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    return shown.stdout
+
+
 def test_caption_cli_without_models_says_what_is_missing(project, tmp_path):
     proc = dalle3(project, "caption", str(tmp_path / "any.png"))
     assert proc.returncode != 0
@@ -211,30 +219,17 @@ def test_whole_graph_end_to_end(project, instance, tmp_path):
     assert "| teacher | descriptive |" in event.metadata["prompt_following"].value
     # DVC lists the figures, from the metrics file dvc.lock records
     assert json.loads((project.root / "metrics" / "clip_s_eval.json").read_text()) == metrics
-    shown = subprocess.run(
-        [sys.executable, "-m", "dvc", "metrics", "show", "--json"],
-        cwd=project.root,
-        capture_output=True,
-        text=True,
-    )
-    assert shown.returncode == 0, shown.stderr
-    assert "teacher_clip_s_paper_descriptive" in shown.stdout
+    assert "teacher_clip_s_paper_descriptive" in dvc_show(project, "metrics")
     # and plots every trainer's loss curve (the resumed rerun's too) and the categories' bars
     loss = (project.root / "plots" / "diffusion_model" / "loss.csv").read_text().splitlines()
     assert loss[0] == "step,loss,lr" and [row.split(",")[0] for row in loss[1:]] == ["2", "4"]
     bars = (project.root / "plots" / "clip_s_eval" / "prompt_following.csv").read_text()
     assert bars.startswith("case,accuracy,low,high\nteacher descriptive single_object,")
     assert len(bars.splitlines()) == 1 + 2 * 2 * len(EVAL_CATEGORIES)
-    plotted = subprocess.run(
-        [sys.executable, "-m", "dvc", "plots", "show", "--json"],
-        cwd=project.root,
-        capture_output=True,
-        text=True,
-    )
-    assert plotted.returncode == 0, plotted.stderr
+    plotted = dvc_show(project, "plots")
     for key in ("clip_encoder", "captioner_dsc", "diffusion_model"):
-        assert f"plots/{key}/loss.csv" in plotted.stdout
-    assert "plots/clip_s_eval/prompt_following.csv" in plotted.stdout
+        assert f"plots/{key}/loss.csv" in plotted
+    assert "plots/clip_s_eval/prompt_following.csv" in plotted
     checks = {c.check_name: c for c in evaluated.get_asset_check_evaluations()}
     assert set(checks) == {"clip_s_eval_prompt_following", "clip_s_eval_clip_s"}
     # a floor above the score fails its check (not blocking: the eval still goes live)

@@ -16,6 +16,20 @@ TOKENIZERS = ("bpe", "byte")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
+def check_levels(
+    block_out_channels: tuple[int, ...], norm_num_groups: int, image_size: int, network: str
+) -> None:
+    """What a diffusers encoder-decoder of these levels needs: channels that GroupNorm can
+    split, and a side that every downsampling halves exactly."""
+    if any(c % norm_num_groups for c in block_out_channels):
+        raise ValueError(
+            f"every block_out_channels entry must divide by norm_num_groups="
+            f"{norm_num_groups}, got {block_out_channels}"
+        )
+    if image_size % 2 ** (len(block_out_channels) - 1):
+        raise ValueError(f"image_size {image_size} must divide by 2 per {network} downsampling")
+
+
 def _toy_train() -> TrainConfig:
     return TrainConfig(
         steps=3000, batch_size=32, lr=2e-3, warmup_steps=50, ema_decay=0.995, log_every=10,
@@ -82,15 +96,7 @@ class DiffusionConfig:
                 f"cross_attention_levels ({self.cross_attention_levels}) exceeds the U-Net's "
                 f"{len(self.block_out_channels)} levels"
             )
-        if any(c % self.norm_num_groups for c in self.block_out_channels):
-            raise ValueError(
-                f"every block_out_channels entry must divide by norm_num_groups="
-                f"{self.norm_num_groups}, got {self.block_out_channels}"
-            )
-        if self.image_size % 2 ** (len(self.block_out_channels) - 1):
-            raise ValueError(
-                f"image_size {self.image_size} must divide by 2 per U-Net downsampling"
-            )
+        check_levels(self.block_out_channels, self.norm_num_groups, self.image_size, "U-Net")
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if self.tokenizer not in TOKENIZERS:
@@ -134,15 +140,9 @@ class AutoencoderConfig:
                      "eval_images"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if any(c % self.norm_num_groups for c in self.block_out_channels):
-            raise ValueError(
-                f"every block_out_channels entry must divide by norm_num_groups="
-                f"{self.norm_num_groups}, got {self.block_out_channels}"
-            )
-        if self.image_size % 2 ** (len(self.block_out_channels) - 1):
-            raise ValueError(
-                f"image_size {self.image_size} must divide by 2 per autoencoder downsampling"
-            )
+        check_levels(
+            self.block_out_channels, self.norm_num_groups, self.image_size, "autoencoder"
+        )
         if self.kl_weight < 0:
             raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight}")
         if self.split == "eval":
