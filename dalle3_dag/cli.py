@@ -133,12 +133,16 @@ def summary(_: argparse.Namespace) -> int:
 def print_evaluation(metrics: dict[str, float]) -> None:
     """clip_s_eval's figures: prompt following by category, then CLIP-S."""
     from ml.data.shapeworld import EVAL_CATEGORIES
+    from ml.stages.clip_s_eval import SINGLE, STYLES
 
-    columns = [c for c in (*EVAL_CATEGORIES, "overall") if f"teacher_short_{c}_accuracy" in metrics]
+    names = (*EVAL_CATEGORIES, "overall", *SINGLE)
+    columns = [c for c in names if f"teacher_short_{c}_accuracy" in metrics]
     if columns:
         print("\nclip_s_eval: share of images that follow their prompt (GenEval-style)")
         print(f"{'model':8} {'prompts':12} " + " ".join(f"{c[:12]:>12}" for c in columns))
-        for model, style in itertools.product(("teacher", "student"), ("descriptive", "short")):
+        for model, style in itertools.product(("teacher", "student"), STYLES):
+            if f"{model}_{style}_overall_accuracy" not in metrics:
+                continue
             cells = [f"{metrics[f'{model}_{style}_{c}_accuracy']:>12.3f}" for c in columns]
             print(f"{model:8} {style:12} " + " ".join(cells))
     print(f"\n{'CLIP-S':8} {'captions':12} {'paper':>12} {'hessel':>12}")
@@ -198,6 +202,30 @@ def clip_score(args: argparse.Namespace) -> int:
 MODELS = {"distilled": ("distilled_model", 2), "teacher": ("diffusion_model", 25)}
 
 
+def upsample(prompt: str, backend: str, seed: int) -> str:
+    """The prompt rewritten by the materialized upsampler or the configured chat endpoint,
+    printed with the backend that wrote it."""
+    from dalle3_dag.project import resolve
+    from ml.upsampler import load_upsampler
+    from ml.upsampler.chat import UpsamplerError
+    from ml.upsampler.config import UPSAMPLER_CHAT, ChatConfig
+
+    folder = StorageResource().asset_dir("prompt_upsampler")
+    if backend == "local" and not (folder / "config.json").is_file():
+        raise SystemExit(
+            f"no prompt_upsampler materialized at {folder}: run `make run` "
+            "(or `dalle3 run --select +prompt_upsampler`), or use --upsampler openai"
+        )
+    chat = resolve(ChatConfig, UPSAMPLER_CHAT)[0]
+    try:
+        upsampler = load_upsampler(folder, backend, chat, log=lambda m: print(m, file=sys.stderr))
+        text = upsampler([prompt], seed=seed)[0]
+    except UpsamplerError as err:
+        raise SystemExit(f"dalle3 generate --upsample: {err}") from err
+    print(f"upsampled ({backend}): {text}")
+    return text
+
+
 def generate(args: argparse.Namespace) -> int:
     """Write a grid of K images for one prompt, sampled with a materialized model."""
     import torch
@@ -215,15 +243,16 @@ def generate(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise SystemExit(f"-n must be at least 1, got {args.n}")
     steps = args.steps or default_steps
+    prompt = upsample(args.prompt, args.upsampler, args.seed) if args.upsample else args.prompt
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = TextToImagePipeline.from_pretrained(folder).to(device)
     pipe.set_progress_bar_config(disable=True)
-    images = pipe([args.prompt] * args.n, steps, args.guidance, seed=args.seed)
+    images = pipe([prompt] * args.n, steps, args.guidance, seed=args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     image_grid(images, cols=min(args.n, 8), scale=4).save(args.out)
     version = DvcResource().out_hash(key) or "not versioned"
     print(f"model: {key} at {folder} (dvc {version}), {steps} steps, guidance {args.guidance}")
-    print(f"wrote {args.n} image(s) for {args.prompt!r} (seed {args.seed}) to {args.out}")
+    print(f"wrote {args.n} image(s) for {prompt!r} (seed {args.seed}) to {args.out}")
     return 0
 
 
@@ -273,6 +302,15 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("-n", type=int, default=4, help="images in the grid")
     gen.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    gen.add_argument(
+        "--upsample", action="store_true", help="rewrite the prompt as a descriptive caption first"
+    )
+    gen.add_argument(
+        "--upsampler",
+        choices=["local", "openai"],
+        default="local",
+        help="local: the prompt_upsampler asset; openai: params.yaml's upsampler_chat",
+    )
     gen.set_defaults(func=generate)
     run_parser = commands.add_parser("run", help="materialize assets, shard partitions included")
     run_parser.add_argument("--select", default="*", help="Dagster asset selection")

@@ -27,6 +27,8 @@ class CheckFloors:
     student_max_gap: float = 0.10  # how far the 2-step student may trail the teacher
     eval_prompt_following: float = 0.03  # the teacher's GenEval overall, descriptive prompts
     eval_clip_s: float = 30.0  # the teacher's CLIP-S (paper's variant), descriptive captions
+    upsampler_kept: float = 0.75  # held-out prompts whose rewrite keeps all they ask (mean)
+    upsampled_share: float = 0.9  # upsampled prompts' GenEval overall / descriptive prompts'
 
 
 def floors() -> CheckFloors:

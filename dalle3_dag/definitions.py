@@ -15,9 +15,11 @@ from ml.stages import (
     diffusion_model,
     distilled_model,
     mixed_training_set,
+    prompt_upsampler,
     raw_pairs,
     recaptioned_dataset,
 )
+from ml.upsampler.config import UPSAMPLER_CHAT, ChatConfig
 
 GROUPS = [data, captioner, text_to_image, evaluation]
 STAGES = [
@@ -30,10 +32,14 @@ STAGES = [
     mixed_training_set.STAGE,
     diffusion_model.STAGE,
     distilled_model.STAGE,
+    prompt_upsampler.STAGE,
     clip_s_eval.STAGE,
 ]
 # Every section of params.yaml and the config it builds.
-PARAMS = {stage.name: stage.config for stage in STAGES} | {CHECKS: CheckFloors}
+PARAMS = {stage.name: stage.config for stage in STAGES} | {
+    CHECKS: CheckFloors,
+    UPSAMPLER_CHAT: ChatConfig,  # inference only: `dalle3 generate --upsampler openai`
+}
 # A bad params file fails the code location's load, so no run starts work on it.
 validate_params(PARAMS)
 

@@ -26,18 +26,32 @@ def clip_s_eval_clip_s(metrics: dict[str, float], floor: CheckFloors) -> bool:
     return metrics["teacher_clip_s_paper_descriptive"] >= floor.eval_clip_s
 
 
+@metrics_check(
+    "Rewritten by the prompt upsampler, the held-out short prompts make the teacher follow them "
+    "(GenEval overall) at least `checks.upsampled_share` as well as the ground truth's "
+    "descriptive captions of the same scenes do (the paper: upsampling is what lets users "
+    "write short prompts).",
+    needs="teacher_upsampled_overall_accuracy",
+    unmeasured=NO_PROMPTS,
+)
+def clip_s_eval_upsampling_keeps_up(metrics: dict[str, float], floor: CheckFloors) -> bool:
+    descriptive = metrics["teacher_descriptive_overall_accuracy"]
+    return metrics["teacher_upsampled_overall_accuracy"] >= floor.upsampled_share * descriptive
+
+
 clip_s_eval = stage_asset(
     evaluation.STAGE,
     module=__name__,
     group="eval",
     kinds={"diffusers"},
-    checks=[clip_s_eval_prompt_following, clip_s_eval_clip_s],
+    checks=[clip_s_eval_prompt_following, clip_s_eval_clip_s, clip_s_eval_upsampling_keeps_up],
     params=[CHECKS],
     dvc_metrics=True,
     plots={"prompt_following": {"x": "accuracy", "y": "case", "template": "bar_horizontal"}},
     description=(
         "CLIP-S (the paper's and Hessel's) of the teacher and the 2-step student on the eval "
         "split's alt-text and descriptive captions, and GenEval-style prompt following per "
-        "category with 95% intervals, asked as written and as descriptive captions."
+        "category with 95% intervals, asked as written, as descriptive captions and as the "
+        "prompt upsampler rewrites them."
     ),
 )

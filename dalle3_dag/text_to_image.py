@@ -1,13 +1,16 @@
-"""The text_to_image group: `diffusion_model` (T5 + U-Net) and `distilled_model` (2-step).
+"""The text_to_image group: `diffusion_model` (T5 + U-Net), `distilled_model` (2-step) and
+`prompt_upsampler` (short prompts -> descriptive ones).
 
-Both are scored on prompt following the same way (`ml.eval.oracle`): single-object prompts,
-the generated object's colour and position against the prompt's.
+The two image models are scored on prompt following the same way (`ml.eval.oracle`):
+single-object prompts, the generated object's colour and position against the prompt's; the
+upsampler on what its rewrites of the held-out prompts keep of them.
 """
 
-from dalle3_dag.config import CheckFloors, metrics_check
+from dalle3_dag.config import CHECKS, CheckFloors, metrics_check
 from dalle3_dag.factory import stage_asset
 from ml.stages import diffusion_model as teacher
 from ml.stages import distilled_model as student
+from ml.stages import prompt_upsampler as upsampler
 
 KINDS = {"diffusers"}
 
@@ -33,6 +36,18 @@ def distilled_model_keeps_up(metrics: dict[str, float], floor: CheckFloors) -> b
     return all(metrics[f"teacher_{name}"] - metrics[name] <= gap for name in student.COMPARED)
 
 
+@metrics_check(
+    "Rewritten by the upsampler, the held-out prompts still ask for all they asked (read from "
+    "the text by the oracle's rule, mean over categories) at least `checks.upsampler_kept`; "
+    "blocking: an upsampler that contradicts its users must not go live.",
+    needs="kept_overall_accuracy",
+    unmeasured="raw_pairs has no held-out prompts (a webdataset source)",
+    blocking=True,
+)
+def prompt_upsampler_keeps_prompts(metrics: dict[str, float], floor: CheckFloors) -> bool:
+    return metrics["kept_overall_accuracy"] >= floor.upsampler_kept
+
+
 diffusion_model = stage_asset(
     teacher.STAGE,
     module=__name__,
@@ -54,5 +69,20 @@ distilled_model = stage_asset(
     description=(
         "The diffusion model consistency-distilled (LCM) into a student that samples in 2 "
         "steps with guidance built in; same layout and pipeline class as the teacher."
+    ),
+)
+prompt_upsampler = stage_asset(
+    upsampler.STAGE,
+    module=__name__,
+    group="text_to_image",
+    kinds={"transformers"},
+    checks=[prompt_upsampler_keeps_prompts],
+    params=[CHECKS],
+    description=(
+        "A small T5 that rewrites short prompts as descriptive captions (DALL·E 3 section 3.5), "
+        "trained on labelled short captions, user-style prompts and checked alt-text; "
+        "`ml.upsampler.load_upsampler(dir)`, or `T5ForConditionalGeneration.from_pretrained`; "
+        "registered in MLflow. `dalle3 generate --upsample` uses it (or an OpenAI-compatible "
+        "endpoint with `--upsampler openai`)."
     ),
 )

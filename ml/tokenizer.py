@@ -8,7 +8,7 @@ included, so captions keep their capitals and quoted words.
 
 from collections.abc import Iterable
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
@@ -32,3 +32,14 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int = 512) -> PreTrainedT
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=PAD
     )
+
+
+def caption_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE learned from the training captions, ending every text with eos (as T5's
+    own tokenizers do), so even the empty prompt of classifier-free guidance is one token."""
+    tokenizer = train_tokenizer(corpus, vocab_size)
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"$A {tokenizer.eos_token}",
+        special_tokens=[(tokenizer.eos_token, tokenizer.eos_token_id)],
+    )
+    return tokenizer

@@ -129,6 +129,14 @@ SMALL_PARAMS = {
         "train": {"steps": 2, "batch_size": 4, "log_every": 1},
         "eval": {"prompts": 9, "sampling_steps": 2},
     },
+    "prompt_upsampler": {
+        "vocab_size": 300,
+        "model": {"d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 1, "num_heads": 2},
+        "max_new_tokens": 32,
+        "train": {"steps": 6, "batch_size": 8, "warmup_steps": 1, "log_every": 2,
+                  "checkpoint_every": 3},
+    },
+    "upsampler_chat": {},
     "clip_s_eval": {
         "images_per_prompt": 1,
         "captions": 8,
@@ -138,7 +146,7 @@ SMALL_PARAMS = {
         "grid_prompts": 2,
     },
     # tiny models: the blocking floors are open, the tests that need them raise them
-    "checks": {"clip_color_preference": 0.0, "clip_recall_over_chance": 0.0},
+    "checks": {"clip_color_preference": 0.0, "clip_recall_over_chance": 0.0, "upsampler_kept": 0.0},
 }
 
 

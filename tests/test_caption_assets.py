@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import web_source, write_web_shards
+from transformers import T5ForConditionalGeneration
 
 from dalle3_dag import captioner, data, evaluation, text_to_image
 from dalle3_dag.partitions import SHARDS
@@ -20,6 +21,7 @@ from ml.data.mixed import MixManifest
 from ml.data.mixed_dataset import MixedDataset
 from ml.data.shapeworld import EVAL_CATEGORIES, ShapeWorldConfig, generate
 from ml.stage import read_metrics
+from ml.stages.clip_s_eval import SINGLE, STYLES
 
 MODULES = [data, captioner, text_to_image, evaluation]
 ASSETS = dg.load_assets_from_modules(MODULES)
@@ -180,7 +182,43 @@ def test_whole_graph_end_to_end(project, instance, tmp_path):
     (event,) = rerun.asset_materializations_for_node("diffusion_model")
     assert event.metadata["resumed_from_step"].value == 4
 
+    # the prompt upsampler: a plain transformers folder, scored on the held-out prompts
+    upsampled = materialize(project, instance, ["prompt_upsampler"])
+    assert upsampled.success
+    folder = project.storage.asset_dir("prompt_upsampler")
+    assert T5ForConditionalGeneration.from_pretrained(folder).generation_config.max_new_tokens == 32
+    (event,) = upsampled.asset_materializations_for_node("prompt_upsampler")
+    kept = read_metrics(folder)["kept_overall_accuracy"]
+    assert event.metadata["kept_overall_accuracy"].value == pytest.approx(kept, abs=5e-5)
+    assert "| category | prompt | upsampled | added |" in event.metadata["examples"].value
+    assert mlflow.MlflowClient().get_model_version("prompt_upsampler", "1").status == "READY"
+    # its check blocks: a floor above its score keeps the new version from going live
+    live = project.dvc.out_hash("prompt_upsampler")
+    params = yaml.safe_load((project.root / "params.yaml").read_text())
+    params["checks"]["upsampler_kept"] = kept + 0.01
+    (project.root / "params.yaml").write_text(yaml.safe_dump(params))
+    rejected = dg.materialize(
+        [*ASSETS, *CHECKS], selection=["prompt_upsampler"], resources=project.resources,
+        instance=instance, raise_on_error=False,
+        run_config={"ops": {"prompt_upsampler": {"config": {"train": {"steps": 4}}}}},
+    )
+    assert not rejected.success
+    assert "prompt_upsampler_keeps_prompts" in str(
+        rejected.failure_data_for_node("prompt_upsampler").error
+    )
+    assert project.dvc.out_hash("prompt_upsampler") == live
+    params["checks"]["upsampler_kept"] = 0.0
+    (project.root / "params.yaml").write_text(yaml.safe_dump(params))
+
     grid = tmp_path / "grid.png"
+    # --upsample prints the rewrite, then draws it
+    proc = dalle3(project, "generate", "a red circle", "--upsample", "-n", "2", "--out", str(grid))
+    assert proc.returncode == 0, proc.stderr
+    (line,) = [li for li in proc.stdout.splitlines() if li.startswith("upsampled (local): ")]
+    assert f"image(s) for {line.removeprefix('upsampled (local): ')!r}" in proc.stdout
+    unset = dalle3(project, "generate", "a red circle", "--upsample", "--upsampler", "openai",
+                   "--out", str(grid))  # fmt: skip
+    assert unset.returncode != 0 and "upsampler_chat.base_url" in unset.stderr
     proc = dalle3(project, "generate", "a red circle", "-n", "3", "--seed", "5", "--out", str(grid))
     assert proc.returncode == 0, proc.stderr
     assert "distilled_model" in proc.stdout and "2 steps" in proc.stdout
@@ -213,7 +251,7 @@ def test_whole_graph_end_to_end(project, instance, tmp_path):
     for model in ("teacher", "student"):
         for variant, setting in itertools.product(("paper", "hessel"), ("alt", "descriptive")):
             assert f"{model}_clip_s_{variant}_{setting}" in metrics
-        for style, category in itertools.product(("descriptive", "short"), EVAL_CATEGORIES):
+        for style, category in itertools.product(STYLES, (*EVAL_CATEGORIES, *SINGLE)):
             assert metrics[f"{model}_{style}_{category}_n"] == 2  # 2 prompts x 1 image
         assert (folder / f"{model}_samples.png").is_file()
     assert "| teacher | descriptive |" in event.metadata["prompt_following"].value
@@ -225,13 +263,15 @@ def test_whole_graph_end_to_end(project, instance, tmp_path):
     assert loss[0] == "step,loss,lr" and [row.split(",")[0] for row in loss[1:]] == ["2", "4"]
     bars = (project.root / "plots" / "clip_s_eval" / "prompt_following.csv").read_text()
     assert bars.startswith("case,accuracy,low,high\nteacher descriptive single_object,")
-    assert len(bars.splitlines()) == 1 + 2 * 2 * len(EVAL_CATEGORIES)
+    assert len(bars.splitlines()) == 1 + 2 * len(STYLES) * (len(EVAL_CATEGORIES) + len(SINGLE))
     plotted = dvc_show(project, "plots")
     for key in ("clip_encoder", "captioner_dsc", "diffusion_model"):
         assert f"plots/{key}/loss.csv" in plotted
     assert "plots/clip_s_eval/prompt_following.csv" in plotted
     checks = {c.check_name: c for c in evaluated.get_asset_check_evaluations()}
-    assert set(checks) == {"clip_s_eval_prompt_following", "clip_s_eval_clip_s"}
+    assert set(checks) == {
+        "clip_s_eval_prompt_following", "clip_s_eval_clip_s", "clip_s_eval_upsampling_keeps_up"
+    }
     # a floor above the score fails its check (not blocking: the eval still goes live)
     params = yaml.safe_load((project.root / "params.yaml").read_text())
     params["checks"]["eval_clip_s"] = metrics["teacher_clip_s_paper_descriptive"] + 1

@@ -1,5 +1,6 @@
 """The `clip_s_eval` stage on tiny untrained models: every figure, deterministic, with grids."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -13,7 +14,9 @@ from ml.diffusion.config import DiffusionConfig
 from ml.diffusion.pipeline import build_pipeline
 from ml.eval.config import ClipSEvalConfig
 from ml.stage import Inputs, read_metrics, run_stage
-from ml.stages.clip_s_eval import STAGE
+from ml.stages.clip_s_eval import SINGLE, STAGE, STYLES
+from ml.upsampler.config import T5Shape, UpsamplerConfig
+from ml.upsampler.model import LocalUpsampler, build_model
 
 TINY_UNET = {
     "image_size": 16, "text_dim": 32, "text_layers": 1, "text_heads": 2, "text_ff_dim": 64,
@@ -34,6 +37,9 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     corpus = [s.meta["descriptive_caption"] for s in load_split(raw, "train")]
     build_pipeline(DiffusionConfig(**TINY_UNET), corpus).save_pretrained(root / "diffusion_model")
     shutil.copytree(root / "diffusion_model", root / "distilled_model")
+    upsampler_cfg = UpsamplerConfig(vocab_size=300, model=T5Shape(16, 4, 32, 1, 2))
+    model, tokenizer = build_model(upsampler_cfg, corpus)  # untrained: any rewrite will do
+    LocalUpsampler(model, tokenizer).save_pretrained(root / "prompt_upsampler", 24)
     return {name: root / name for name in STAGE.inputs}
 
 
@@ -50,16 +56,18 @@ def test_every_figure_for_both_models_the_same_on_a_rerun(assets, tmp_path) -> N
         for variant in ("paper", "hessel"):
             for setting in ("alt", "descriptive"):
                 assert f"{model}_clip_s_{variant}_{setting}" in metrics
-        for style in ("descriptive", "short"):
-            for category in EVAL_CATEGORIES:
+        for style in STYLES:
+            for category in (*EVAL_CATEGORIES, *SINGLE):
                 assert metrics[f"{model}_{style}_{category}_n"] == 4  # 2 prompts x 2 images
                 low, high = (metrics[f"{model}_{style}_{category}_{e}"] for e in ("low", "high"))
                 assert low <= metrics[f"{model}_{style}_{category}_accuracy"] <= high
         assert (tmp_path / "a" / f"{model}_samples.png").is_file()
     assert [(r["model"], r["prompts"]) for r in result.tables["prompt_following"]] == [
-        ("teacher", "descriptive"), ("teacher", "short"),
-        ("student", "descriptive"), ("student", "short"),
+        ("teacher", "descriptive"), ("teacher", "short"), ("teacher", "upsampled"),
+        ("student", "descriptive"), ("student", "short"), ("student", "upsampled"),
     ]  # fmt: skip
+    rewrites = json.loads((tmp_path / "a" / "scores.json").read_text())["upsampled_prompts"]
+    assert len(rewrites) == len(json.loads((assets["raw_pairs"] / "prompts.json").read_text()))
     assert len(result.tables["clip_s"]) == 4
     assert len(result.examples) == len(EVAL_CATEGORIES)
     evaluate(assets, tmp_path / "b")

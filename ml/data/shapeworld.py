@@ -437,7 +437,7 @@ def caption_facts(scene: Scene) -> set[Fact]:
     return facts
 
 
-def _parse(text: str) -> tuple[list[dict[str, str | None]], set[Fact]]:
+def parse_parts(text: str) -> tuple[list[dict[str, str | None]], set[Fact]]:
     """Objects (in caption order) and scene-level facts stated by a caption."""
     scene_facts: set[Fact] = {("word", w.upper()) for w in _WORD_RE.findall(text)}
     rest = _WORD_RE.sub(" ", text).lower()
@@ -466,7 +466,7 @@ def parse_caption(text: str) -> set[Fact]:
     An object is "<size>? <color>? <shape>" and takes the first position named after it and
     before the next object starts; backgrounds are "<colour> background"; words are quoted.
     """
-    objects, facts = _parse(text)
+    objects, facts = parse_parts(text)
     return facts | {("object", *(o[a] for a in OBJECT_ATTRIBUTES)) for o in objects}
 
 
@@ -478,7 +478,7 @@ def score_caption(text: str, scene: Scene) -> dict[str, float]:
     shape and colour, then the most agreeing attributes. Precision is 0 when nothing is stated;
     the raw counts are returned too, for micro-averaging over a dataset.
     """
-    parsed, stated_scene = _parse(text)
+    parsed, stated_scene = parse_parts(text)
     truth = [asdict(o) for o in scene.objects]
     pairs = sorted(
         ((_match_score(p, t), i, j) for i, p in enumerate(parsed) for j, t in enumerate(truth)),
@@ -622,3 +622,35 @@ def eval_prompts(seed: int, per_category: int = 8) -> list[dict[str, Any]]:
         prompt = f'{_a(f"{color} {shape}")} and the word "{word}"'
         add("text", prompt, asks, bg, obj, word=word)
     return sorted(prompts, key=lambda p: EVAL_CATEGORIES.index(p["category"]))
+
+
+def user_prompt(scene: Scene, rng: random.Random) -> tuple[str, Scene]:
+    """A short prompt about part of a scene, in one of the forms users write (and the held-out
+    prompts take): an object with its position, on its background, two objects with or without
+    their colours, a count, an object and the word; and the scene it describes. Scenes seldom
+    hold one object twice or a word, so a count repeats the main object in other free cells and
+    a scene without a word is given one."""
+    main = scene.objects[0]
+    forms = ["position", "background", "count", "word"] + ["two"] * (len(scene.objects) > 1)
+    form = rng.choice(forms)
+    coloured = _a(f"{main.color} {main.shape}")
+    objects: tuple[SceneObject, ...] = (main,)
+    word = None
+    if form == "position":
+        prompt = f"{coloured} {_position_phrase(main.position, rng)}"
+    elif form == "background":
+        prompt = f"{_a(main.shape)} on {_a(scene.background)} background"
+    elif form == "two":
+        objects = (main, rng.choice(scene.objects[1:]))
+        with_colour = rng.random() < 0.5
+        prompt = " and ".join(_a(f"{o.color} {o.shape}" if with_colour else o.shape)
+                              for o in objects)  # fmt: skip
+    elif form == "count":
+        n = rng.randint(2, 4)
+        cells = rng.sample([p for p in POSITIONS if p != main.position], n - 1)
+        objects = (main, *(replace(main, position=p) for p in cells))
+        prompt = f"{NUMBER_WORDS[n]} {main.color} {_plural(main.shape)}"
+    else:
+        word = scene.word or rng.choice(WORDS)
+        prompt = f'{coloured} and the word "{word}"'
+    return prompt, replace(scene, objects=objects, word=word)

@@ -26,7 +26,6 @@ from diffusers import (
 from diffusers.models.attention_processor import AttnProcessor
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
-from tokenizers import processors
 from transformers import (
     AutoTokenizer,
     ByT5Tokenizer,
@@ -36,7 +35,7 @@ from transformers import (
 )
 
 from ml.diffusion.config import DiffusionConfig
-from ml.tokenizer import train_tokenizer
+from ml.tokenizer import caption_tokenizer
 
 # Samplers over the training noise schedule. DDIM and DPM-Solver are deterministic (no noise
 # per step) and serve a diffusion model; "lcm" is the multistep consistency sampler of a
@@ -240,17 +239,6 @@ def existing_dir(path: str, what: str) -> Path:
     if not directory.is_dir():
         raise FileNotFoundError(f"{what} directory not found: {path}")
     return directory
-
-
-def caption_tokenizer(corpus: Sequence[str], vocab_size: int) -> PreTrainedTokenizerBase:
-    """A byte-level BPE learned from the training captions, ending every text with eos (as T5's
-    own tokenizers do), so even the empty prompt of classifier-free guidance is one token."""
-    tokenizer = train_tokenizer(corpus, vocab_size)
-    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"$A {tokenizer.eos_token}",
-        special_tokens=[(tokenizer.eos_token, tokenizer.eos_token_id)],
-    )
-    return tokenizer
 
 
 def build_text_encoder(

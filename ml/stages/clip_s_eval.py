@@ -5,8 +5,11 @@ For each model, with fixed seeds:
   eval split's alt-text scored against it, and from its descriptive captions against those;
   the paper's variant and Hessel's (`ml.eval.clip_score`);
 - GenEval-style prompt following on raw_pairs' held-out prompts (`prompts.json`), per category
-  with 95% intervals (`ml.eval.oracle`), asked as written (`short`) and as the target scene's
-  descriptive caption (`descriptive`: upsampled by the ground truth, see `ml.eval.oracle`).
+  with 95% intervals (`ml.eval.oracle`), asked as written (`short`), as the target scene's
+  descriptive caption (`descriptive`: upsampled by the ground truth, see `ml.eval.oracle`) and
+  as the `prompt_upsampler` rewrites them (`upsampled`: the paper's section 3.5); and on the
+  single-object "position" prompts, the object's colour and position (`single_*`), which the
+  oracle reads reliably even from blurred 16-px images.
 
     python -m ml.stages.clip_s_eval --config c.yaml --out DIR [--assets assets]
 """
@@ -20,15 +23,43 @@ from ml.files import write_json
 from ml.stage import Inputs, Log, Stage, StageResult, main
 
 MODELS = {"teacher": "diffusion_model", "student": "distilled_model"}
-STYLES = ("descriptive", "short")
+STYLES = ("descriptive", "short", "upsampled")
+SINGLE = ("single_color", "single_position", "single_both")  # of the "position" prompts
 SCORES = "scores.json"  # per-image verdicts and per-pair CLIP-S, for a look after the fact
 
 
-def prompt_texts(prompts: list[dict[str, Any]], style: str, seed: int) -> list[str]:
-    """Each held-out prompt as written, or as its target scene's descriptive caption."""
+def prompt_texts(prompts: list[dict[str, Any]], seed: int, upsampler: Any) -> dict[str, list[str]]:
+    """Each held-out prompt in each style: as written, as its target scene's descriptive
+    caption, and as the upsampler rewrites it."""
     from ml.eval.oracle import descriptive_prompt
 
-    return [p["prompt"] if style == "short" else descriptive_prompt(p, seed) for p in prompts]
+    written = [p["prompt"] for p in prompts]
+    return {
+        "descriptive": [descriptive_prompt(p, seed) for p in prompts],
+        "short": written,
+        "upsampled": upsampler(written, seed=seed) if written else [],
+    }
+
+
+def single_object_scores(
+    images: list[Any], prompts: list[dict[str, Any]]
+) -> dict[str, float]:
+    """Colour, position and both of the "position" prompts' images, with Wilson intervals."""
+    from ml.data.shapeworld import Scene
+    from ml.eval.oracle import score_prompt_following, wilson
+
+    chosen = [i for i, p in enumerate(prompts) if p["category"] == "position"]
+    if not chosen:
+        return {}
+    scenes = [Scene.from_dict(prompts[i]["scene"]) for i in chosen]
+    scores = score_prompt_following([images[i] for i in chosen], scenes)
+    out: dict[str, float] = {}
+    for what in ("color", "position", "both"):
+        accuracy = scores[f"{what}_accuracy"]
+        low, high = wilson(round(accuracy * len(chosen)), len(chosen))
+        out |= {f"single_{what}_accuracy": accuracy, f"single_{what}_low": low,
+                f"single_{what}_high": high, f"single_{what}_n": float(len(chosen))}  # fmt: skip
+    return out
 
 
 def run(cfg: ClipSEvalConfig, inputs: Inputs, out: Path, log: Log) -> StageResult:
@@ -39,6 +70,7 @@ def run(cfg: ClipSEvalConfig, inputs: Inputs, out: Path, log: Log) -> StageResul
     from ml.eval.clip_score import VARIANTS, clip_score
     from ml.eval.oracle import score_by_category
     from ml.stages.diffusion_model import device
+    from ml.upsampler import load_upsampler
     from ml.viz import image_grid
 
     raw, clip_dir = inputs["raw_pairs"], inputs["clip_encoder"]
@@ -54,6 +86,7 @@ def run(cfg: ClipSEvalConfig, inputs: Inputs, out: Path, log: Log) -> StageResul
     prompts_file = raw / "prompts.json"
     prompts = json.loads(prompts_file.read_text()) if prompts_file.is_file() else []
     clip = load_clip(clip_dir)
+    texts_by_style = prompt_texts(prompts, cfg.seed, load_upsampler(inputs["prompt_upsampler"]))
     n_images = sum(len(v) for v in settings.values()) + len(STYLES) * len(prompts) * (
         cfg.images_per_prompt
     )
@@ -82,20 +115,20 @@ def run(cfg: ClipSEvalConfig, inputs: Inputs, out: Path, log: Log) -> StageResul
             clip_rows.append(row)
         for style in STYLES if prompts else ():
             repeated = [p for p in prompts for _ in range(cfg.images_per_prompt)]
-            texts = [t for t in prompt_texts(prompts, style, cfg.seed)
-                     for _ in range(cfg.images_per_prompt)]  # fmt: skip
+            texts = [t for t in texts_by_style[style] for _ in range(cfg.images_per_prompt)]
             generated = sample(pipe, texts, steps, cfg)
             scores = score_by_category(generated, repeated)
+            scores |= single_object_scores(generated, repeated)
             metrics |= {f"{name}_{style}_{k}": v for k, v in scores.items()}
             oracle_rows.append({"model": name, "prompts": style} | {
                 c: f"{scores[f'{c}_accuracy']:.2f} [{scores[f'{c}_low']:.2f}, "
                    f"{scores[f'{c}_high']:.2f}]"
-                for c in EVAL_CATEGORIES if f"{c}_accuracy" in scores
+                for c in (*EVAL_CATEGORIES, *SINGLE) if f"{c}_accuracy" in scores
             } | {"overall": scores["overall_accuracy"]})  # fmt: skip
             bars += [
                 {"case": f"{name} {style} {c}"}
                 | {k: scores[f"{c}_{k}"] for k in ("accuracy", "low", "high")}
-                for c in EVAL_CATEGORIES if f"{c}_accuracy" in scores
+                for c in (*EVAL_CATEGORIES, *SINGLE) if f"{c}_accuracy" in scores
             ]
             if style == "descriptive":
                 rows = _first_of_each(repeated, generated, cfg)
@@ -105,6 +138,10 @@ def run(cfg: ClipSEvalConfig, inputs: Inputs, out: Path, log: Log) -> StageResul
                 if name == "teacher":
                     examples = [row[0][::-1] for row in rows]
         log.info(f"clip_s_eval: {name} scored")
+    details["upsampled_prompts"] = [
+        {"prompt": p, "upsampled": u}
+        for p, u in zip(texts_by_style["short"], texts_by_style["upsampled"], strict=True)
+    ]
     write_json(out / SCORES, details)
     return StageResult(
         metrics=metrics,
@@ -145,7 +182,7 @@ def _first_of_each(
 STAGE = Stage(
     "clip_s_eval",
     ClipSEvalConfig,
-    ("raw_pairs", "clip_encoder", "diffusion_model", "distilled_model"),
+    ("raw_pairs", "clip_encoder", "diffusion_model", "distilled_model", "prompt_upsampler"),
     run,
 )
 
