@@ -40,7 +40,7 @@ def run(cfg: UpsamplerConfig, inputs: Inputs, out: Path, log: Log) -> StageResul
     metrics: dict[str, float] = {}
     rows: list[dict[str, str]] = []
     if prompts:
-        upsampled = upsample([p["prompt"] for p in prompts], seed=cfg.eval_seed)
+        upsampled = upsample([p["prompt"] for p in prompts])  # greedy: no seed to choose
         metrics = score_upsampling(prompts, upsampled)
         pairs_out = zip(prompts, upsampled, strict=True)
         write_json(out / UPSAMPLED, [{"prompt": p["prompt"], "upsampled": u} for p, u in pairs_out])

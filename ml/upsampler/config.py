@@ -60,7 +60,6 @@ class UpsamplerConfig:
     min_overlap: float = 1.0
     max_source_tokens: int = 64
     max_new_tokens: int = 96
-    eval_seed: int = 0  # seeds the held-out prompts' decoding where it samples
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
