@@ -3,7 +3,7 @@ captions the text-to-image model was trained on.
 
 One call gives either backend, both `(prompts, seed) -> prompts`:
 
-    from ml.upsampler import load_upsampler
+    from ml.upsampler import ChatConfig, load_upsampler
     upsample = load_upsampler("assets/prompt_upsampler")            # the trained local T5
     upsample = load_upsampler(backend="openai", chat=ChatConfig())   # a chat-completions API
     images = pipe(upsample(["a red circle at the top"]), 25, 3.0, seed=0)
