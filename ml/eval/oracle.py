@@ -20,7 +20,7 @@ reads whatever stands out most, so a blob in the asked cell with the asked colou
 import math
 import random
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -190,16 +190,22 @@ def score_by_category(
         raise ValueError(f"need one prompt per image (>0): {len(images)} vs {len(prompts)}")
     hits: dict[str, list[bool]] = defaultdict(list)
     for image, prompt in zip(images, prompts, strict=True):
-        verdict = follows(read_scene(image), prompt["asks"])
-        hits[prompt["category"]].append(verdict)
+        hits[prompt["category"]].append(follows(read_scene(image), prompt["asks"]))
+    return category_scores(hits)
+
+
+def category_scores(verdicts: Mapping[str, Sequence[bool]]) -> dict[str, float]:
+    """Per category of verdicts: their share, its 95% Wilson interval and their count
+    (`<category>_accuracy`, `_low`, `_high`, `_n`); and the mean of the categories' shares
+    (`overall_accuracy`, GenEval's overall score)."""
     scores: dict[str, float] = {}
-    for category, verdicts in hits.items():
-        low, high = wilson(sum(verdicts), len(verdicts))
+    for category, hits in verdicts.items():
+        low, high = wilson(sum(hits), len(hits))
         scores |= {
-            f"{category}_accuracy": sum(verdicts) / len(verdicts),
+            f"{category}_accuracy": sum(hits) / len(hits),
             f"{category}_low": low,
             f"{category}_high": high,
-            f"{category}_n": float(len(verdicts)),
+            f"{category}_n": float(len(hits)),
         }
-    scores["overall_accuracy"] = sum(sum(v) / len(v) for v in hits.values()) / len(hits)
+    scores["overall_accuracy"] = sum(sum(v) / len(v) for v in verdicts.values()) / len(verdicts)
     return scores

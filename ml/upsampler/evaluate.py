@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ml.data.shapeworld import SceneObject, parse_parts
-from ml.eval.oracle import follows, wilson
+from ml.eval.oracle import category_scores, follows
 from ml.eval.scene_reader import Reading
 
 
@@ -54,7 +54,8 @@ def score_upsampling(
     prompts: Sequence[dict[str, Any]], upsampled: Sequence[str]
 ) -> dict[str, float]:
     """Per category of the held-out prompts: the share whose upsampled text keeps all they ask,
-    with its Wilson interval (`kept_<category>_accuracy`, `_low`, `_high`); their mean
+    with its Wilson interval and count (`kept_<category>_accuracy`, `_low`, `_high`, `_n`,
+    as `oracle.category_scores` gives them); their mean
     (`kept_overall_accuracy`); and the upsampled prompts' mean length in words."""
     if len(prompts) != len(upsampled) or not prompts:
         raise ValueError(
@@ -63,16 +64,6 @@ def score_upsampling(
     verdicts: dict[str, list[bool]] = defaultdict(list)
     for prompt, text in zip(prompts, upsampled, strict=True):
         verdicts[prompt["category"]].append(keeps(text, prompt["asks"]))
-    scores: dict[str, float] = {}
-    for category, kept in verdicts.items():
-        low, high = wilson(sum(kept), len(kept))
-        scores |= {
-            f"kept_{category}_accuracy": sum(kept) / len(kept),
-            f"kept_{category}_low": low,
-            f"kept_{category}_high": high,
-        }
-    scores["kept_overall_accuracy"] = sum(sum(v) / len(v) for v in verdicts.values()) / len(
-        verdicts
-    )
+    scores = {f"kept_{name}": value for name, value in category_scores(verdicts).items()}
     scores["words_mean"] = sum(len(t.split()) for t in upsampled) / len(upsampled)
     return scores
