@@ -42,9 +42,8 @@ def run(cfg: UpsamplerConfig, inputs: Inputs, out: Path, log: Log) -> StageResul
     if prompts:
         upsampled = upsample([p["prompt"] for p in prompts])  # greedy: no seed to choose
         metrics = score_upsampling(prompts, upsampled)
-        pairs_out = zip(prompts, upsampled, strict=True)
-        write_json(out / UPSAMPLED, [{"prompt": p["prompt"], "upsampled": u} for p, u in pairs_out])
-        step = max(1, len(prompts) // EXAMPLES)
+        rewrites = list(zip(prompts, upsampled, strict=True))
+        write_json(out / UPSAMPLED, [{"prompt": p["prompt"], "upsampled": u} for p, u in rewrites])
         rows = [
             {
                 "category": p["category"],
@@ -52,7 +51,7 @@ def run(cfg: UpsamplerConfig, inputs: Inputs, out: Path, log: Log) -> StageResul
                 "upsampled": u,
                 "added": "; ".join(added_details(p["prompt"], u)) or "nothing",
             }
-            for p, u in list(zip(prompts, upsampled, strict=True))[::step]
+            for p, u in rewrites[:: max(1, len(rewrites) // EXAMPLES)]
         ]
     return StageResult(
         metrics=metrics,
