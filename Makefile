@@ -25,12 +25,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --no-deps antlr4-python3-runtime==4.13.2
 	touch $@
 
-# Run monitoring (the daemon of `make ui`) fails runs stuck starting; the default launcher
-# cannot health-check a run worker, so a killed run is marked failed by the next
-# materialization on this host (dalle3_dag.versioning.close_dead_runs).
-$(DAGSTER_HOME)/dagster.yaml: Makefile
+# The instance settings (run monitoring, the accelerator pool): see dagster.yaml.
+$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 	mkdir -p $(DAGSTER_HOME)
-	printf 'telemetry:\n  enabled: false\nrun_monitoring:\n  enabled: true\n  start_timeout_seconds: 180\n  poll_interval_seconds: 30\n' > $@
+	cp dagster.yaml $@
 
 # `dalle3 run` calls `dagster asset materialize` for the whole graph, one run per shard
 # partition where an asset is partitioned.

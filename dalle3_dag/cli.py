@@ -63,8 +63,9 @@ class RunLog:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Materialize assets with the Dagster CLI in graph order: unpartitioned assets together,
-    each partitioned one in one run over all its partitions.
+    """Materialize what is missing or stale (everything with --force) with the Dagster CLI, in
+    graph order: unpartitioned assets together, a partitioned one in a run per span of its
+    partitions.
 
     The console shows Dagster's INFO lines (each asset's start, progress and figures); the
     full DEBUG log goes to `logs/run-<time>.log`.
@@ -73,35 +74,48 @@ def run(args: argparse.Namespace) -> int:
 
     from dalle3_dag.definitions import defs
     from dalle3_dag.project import PROJECT_DIR
+    from dalle3_dag.rebuild import Rebuild, spans
 
     log = RunLog(PROJECT_DIR / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log")
     print(f"full log: {log.path}", flush=True)
     graph = defs.resolve_asset_graph()
     selected = dg.AssetSelection.from_coercible(args.select).resolve(graph)
     if dg.AssetKey("raw_pairs") in selected:
-        # Record the source's current version first, so the UI can tell when new or changed
-        # shards make raw_pairs stale.
+        # Record the source's current version first, so new or changed shards make raw_pairs
+        # stale (here and in the UI).
         log.command([*DAGSTER_JOB, "observe_sources"], "observing raw_pairs_source")
-    batch: list[str] = []
-    for key in graph.toposorted_asset_keys:
-        if key not in selected:
-            continue
-        partitions_def = graph.get(key).partitions_def
-        if partitions_def is None:
-            batch.append(key.to_user_string())
-            continue
-        if batch:
-            log.command([*DAGSTER, "--select", ",".join(batch)], ", ".join(batch))
-            batch = []
-        with dg.DagsterInstance.get() as instance:
-            partitions = partitions_def.get_partition_keys(dynamic_partitions_store=instance)
-        if not partitions:
-            raise SystemExit(f"{key.to_user_string()} has no partitions yet: run its upstream")
-        span = f"{partitions[0]}...{partitions[-1]}"
-        cmd = [*DAGSTER, "--select", key.to_user_string(), "--partition-range", span]
-        log.command(cmd, f"{key.to_user_string()} [{span}]")
-    if batch:
-        log.command([*DAGSTER, "--select", ",".join(batch)], ", ".join(batch))
+    with dg.DagsterInstance.get() as instance:
+        rebuild, batch, fresh = Rebuild(instance, graph, args.force), [], []
+
+        def flush() -> None:
+            if batch:
+                log.command([*DAGSTER, "--select", ",".join(batch)], ", ".join(batch))
+                batch.clear()
+                rebuild.refresh()
+
+        for key in graph.toposorted_asset_keys:
+            if key not in selected or not graph.get(key).is_materializable:
+                continue
+            name, partitions_def = key.to_user_string(), graph.get(key).partitions_def
+            if partitions_def is not None:
+                flush()  # its partitions and their status follow from what ran above
+                every = partitions_def.get_partition_keys(dynamic_partitions_store=instance)
+                if not every:
+                    raise SystemExit(f"{name} has no partitions yet: run its upstream")
+            chosen = rebuild.partitions(key)
+            if not chosen:
+                fresh.append(name)
+            elif partitions_def is None:
+                batch.append(name)
+            else:
+                for first, last in spans(chosen, every):
+                    span = f"{first}...{last}"
+                    cmd = [*DAGSTER, "--select", name, "--partition-range", span]
+                    log.command(cmd, f"{name} [{span}]")
+                rebuild.refresh()
+        flush()
+    if fresh:
+        print(f"up to date, not rerun: {', '.join(fresh)}", flush=True)
     return summary(args) if args.summary else 0
 
 
@@ -312,9 +326,14 @@ def main(argv: list[str] | None = None) -> int:
         help="local: the prompt_upsampler asset; openai: params.yaml's upsampler_chat",
     )
     gen.set_defaults(func=generate)
-    run_parser = commands.add_parser("run", help="materialize assets, shard partitions included")
+    run_parser = commands.add_parser(
+        "run", help="materialize what is missing or stale, shard partitions included"
+    )
     run_parser.add_argument("--select", default="*", help="Dagster asset selection")
     run_parser.add_argument("--summary", action="store_true", help="print `dalle3 summary` after")
+    run_parser.add_argument(
+        "--force", action="store_true", help="rerun every selected asset, stale or not"
+    )
     run_parser.set_defaults(func=run)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from dalle3_dag.automation import EAGER
 from dalle3_dag.factory import stage_asset
 from dalle3_dag.partitions import SHARDS, sync_shard_partitions
 from dalle3_dag.project import resolve
@@ -100,6 +101,7 @@ recaptioned_dataset = stage_asset(
     group="data",
     kinds={"parquet"},
     partitions_def=SHARDS,
+    automation=EAGER,
     description=(
         "Per-shard Parquet sidecars keyed by __key__: the alt-text, the SSC and DSC captions "
         "and the captioner versions. Images are never copied. One partition per raw_pairs "
@@ -131,6 +133,7 @@ mixed_training_set = stage_asset(
     group="data",
     kinds={"json"},
     checks=[mixed_training_set_ratio],
+    automation=EAGER,
     description=(
         "The blended training set: a manifest of shards, sidecars, caption type, synthetic "
         "ratio p and seed. The training loader takes the synthetic caption with probability "

@@ -2,9 +2,9 @@
 
 import dagster as dg
 
-from dalle3_dag import captioner, data, evaluation, text_to_image
+from dalle3_dag import captioner, data, evaluation, schedules, text_to_image
 from dalle3_dag.config import CHECKS, CheckFloors
-from dalle3_dag.project import TRAINING_TAGS, validate_params
+from dalle3_dag.project import validate_params
 from dalle3_dag.resources import DvcResource, MlflowResource, StorageResource
 from ml.stages import (
     captioner as captioners,
@@ -46,15 +46,9 @@ validate_params(PARAMS)
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules(GROUPS),
     asset_checks=dg.load_asset_checks_from_modules(GROUPS),
-    jobs=[data.observe_sources],
-    # Training steps one at a time, each with every core (see TRAINING_TAGS); checks run beside.
-    executor=dg.multiprocess_executor.configured(
-        {
-            "tag_concurrency_limits": [
-                {"key": key, "value": value, "limit": 1} for key, value in TRAINING_TAGS.items()
-            ]
-        }
-    ),
+    jobs=[data.observe_sources, schedules.rebuild],
+    schedules=[schedules.nightly_rebuild],
+    sensors=[schedules.new_raw_shards],
     resources={
         "storage": StorageResource(),
         "mlflow_tracker": MlflowResource(),

@@ -1,6 +1,7 @@
 """The eval group: `clip_s_eval`, the paper's CLIP-S and GenEval-style prompt following of the
 teacher and its 2-step student."""
 
+from dalle3_dag.automation import EAGER
 from dalle3_dag.config import CHECKS, CheckFloors, metrics_check
 from dalle3_dag.factory import stage_asset
 from ml.stages import clip_s_eval as evaluation
@@ -48,6 +49,7 @@ clip_s_eval = stage_asset(
     params=[CHECKS],
     dvc_metrics=True,
     plots={"prompt_following": {"x": "accuracy", "y": "case", "template": "bar_horizontal"}},
+    automation=EAGER,
     description=(
         "CLIP-S (the paper's and Hessel's) of the teacher and the 2-step student on the eval "
         "split's alt-text and descriptive captions, and GenEval-style prompt following per "

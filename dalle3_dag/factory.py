@@ -20,10 +20,12 @@ import dagster as dg
 import yaml
 from pydantic import create_model
 
+from dalle3_dag.automation import RETRAIN
 from dalle3_dag.imports import closure, module_file, project_imports
 from dalle3_dag.metadata import captioned_images, markdown_image, markdown_table
-from dalle3_dag.project import PROJECT_DIR, TRAINING_TAGS, effective_params, resolve
+from dalle3_dag.project import ACCELERATOR_POOL, PROJECT_DIR, effective_params, resolve
 from dalle3_dag.resources import DvcResource, MlflowResource, StorageResource
+from dalle3_dag.retries import retried_if_transient
 from dalle3_dag.versioning import FolderCheck, check_specs, commit, staged, tracked_run
 from ml.files import write_csv, write_json
 from ml.stage import Inputs, Stage, StageResult, run_stage
@@ -78,12 +80,16 @@ def code_files(stage: Stage, module: str) -> list[str]:
     return sorted({*files, own.relative_to(PROJECT_DIR).as_posix()})
 
 
-def _code_version(files: list[str]) -> str:
-    """A hash of every project file the stage's code and its asset's module import, so an edit
-    to any of them shows the asset as changed code in the UI."""
+def _code_version(files: list[str], sections: list[str]) -> str:
+    """A hash of every project file the stage's code and its asset's module import, and of the
+    params sections it runs with, so an edit to any of them shows the asset as changed code
+    in the UI and `dalle3 run` reruns it."""
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.encode() + (PROJECT_DIR / path).read_bytes())
+    for section in sections:
+        values = yaml.safe_dump(effective_params(section), sort_keys=True)
+        digest.update(section.encode() + values.encode())
     return digest.hexdigest()[:12]
 
 
@@ -151,6 +157,7 @@ def stage_asset(
     after: Callable[[dg.AssetExecutionContext, StageResult], None] | None = None,
     dvc_metrics: bool = False,
     plots: Mapping[str, Mapping[str, str]] | None = None,
+    automation: dg.AutomationCondition | None = None,
 ) -> dg.AssetsDefinition:
     """The asset of `stage`: its key, input assets (plus `deps`), group, checks and code
     version, and the one materialization body.
@@ -163,7 +170,8 @@ def stage_asset(
     `metrics/<key>.json`, which dvc.yaml lists as the stage's metrics (`dvc metrics show`).
     `plots` (name -> DVC plot properties: x, y, template) are the stage's `curves`, written
     to `plots/<key>/<name>.csv` and listed as its plots (`dvc plots show`); a trainer also has
-    its loss curve.
+    its loss curve. `automation` is when the asset rebuilds on its own: a trainer's default is
+    the weekly retrain (`dalle3_dag.automation`).
     """
     key = stage.name
     code = code_files(stage, module)
@@ -192,19 +200,7 @@ def stage_asset(
         f"{key}_config", __base__=config_class(stage.config, f"{key}_params"), **fields
     )
 
-    @dg.asset(
-        key=key,
-        deps=[*stage.inputs, *deps],
-        group_name=group,
-        kinds={*KINDS, *kinds},
-        op_tags=TRAINING_TAGS if stage.trains else None,
-        code_version=_code_version(code),
-        check_specs=check_specs(key, list(checks)),
-        partitions_def=partitions_def,
-        backfill_policy=dg.BackfillPolicy.single_run() if partitions_def else None,
-        description=description,
-    )
-    def _asset(
+    def materialize(
         context: dg.AssetExecutionContext,
         config: overrides_class,  # type: ignore[valid-type]
         storage: StorageResource,
@@ -271,6 +267,30 @@ def stage_asset(
             + (f"; checks failed: {', '.join(failed)}" if failed else "")
         )
         return materialized
+
+
+    @dg.asset(
+        key=key,
+        deps=[*stage.inputs, *deps],
+        group_name=group,
+        kinds={*KINDS, *kinds},
+        pool=ACCELERATOR_POOL if stage.trains else None,
+        automation_condition=automation or (RETRAIN if stage.trains else None),
+        code_version=_code_version(code, [key, *params]),
+        check_specs=check_specs(key, list(checks)),
+        partitions_def=partitions_def,
+        backfill_policy=dg.BackfillPolicy.single_run() if partitions_def else None,
+        description=description,
+    )
+    def _asset(
+        context: dg.AssetExecutionContext,
+        config: overrides_class,  # type: ignore[valid-type]
+        storage: StorageResource,
+        mlflow_tracker: MlflowResource,
+        dvc: DvcResource,
+    ) -> dg.MaterializeResult:
+        with retried_if_transient(context):
+            return materialize(context, config, storage, mlflow_tracker, dvc)
 
     return _asset
 

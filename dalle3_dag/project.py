@@ -19,11 +19,11 @@ T = TypeVar("T")
 # DVC exports this to the commands it runs; inside `dvc repro` the lock is DVC's to write.
 DVC_REPRO_ENV = "DVC_STAGE"
 
-# Op tags of the steps that train a model. Each uses every core (torch's default thread count),
-# so two side by side stall each other at every thread barrier: in one make run captioner_ssc
-# and captioner_dsc together took 27 and 33 minutes for about 16 minutes of work. The
-# executor in `definitions` runs them one at a time.
-TRAINING_TAGS = {"dalle3/compute": "training"}
+# The Dagster concurrency pool of the steps that train a model: one at a time per node, across
+# runs (dagster.yaml sets its limit). Each uses every core, or with torchrun every accelerator,
+# so two side by side stall each other: in one make run captioner_ssc and captioner_dsc
+# together took 27 and 33 minutes for about 16 minutes of work.
+ACCELERATOR_POOL = "accelerator"
 
 
 def params_path(project_dir: Path = PROJECT_DIR) -> Path:

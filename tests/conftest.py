@@ -69,85 +69,8 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-# A toy profile small enough for tests: every split, a few shards each.
-SMALL_PARAMS = {
-    "raw_pairs": {
-        "source": "shapeworld",
-        "uri": "",
-        "seed": 0,
-        "shard_size": 32,
-        "splits": {"train": 64, "labelled": 32, "clip": 32, "eval": 16},
-        "prompts_per_category": 2,
-        "world": {"image_size": 32},
-    },
-    "clip_encoder": {
-        "source": "toy",
-        "train": {"steps": 30, "batch_size": 32, "lr": 0.002, "warmup_steps": 5, "log_every": 10},
-    },
-    "captioner_base": {
-        "vocab_size": 256,
-        "max_new_tokens": 40,
-        "model": {"prefix_length": 2, "n_layer": 1, "n_embd": 32, "n_head": 2},
-        "train": {"steps": 20, "batch_size": 16, "lr": 0.003, "warmup_steps": 2, "log_every": 10},
-    },
-    "captioner_ssc": {
-        "max_new_tokens": 40,
-        "train": {"steps": 10, "batch_size": 16, "lr": 0.003, "warmup_steps": 2, "log_every": 5},
-    },
-    "captioner_dsc": {
-        "max_new_tokens": 40,
-        "train": {"steps": 10, "batch_size": 16, "lr": 0.003, "warmup_steps": 2, "log_every": 5},
-    },
-    "recaptioned_dataset": {"batch_size": 16, "max_new_tokens": 40},
-    "mixed_training_set": {"caption_type": "dsc", "synthetic_ratio": 0.95, "seed": 0},
-    "diffusion_model": {
-        "image_size": 16,
-        "text_dim": 32,
-        "text_layers": 1,
-        "text_heads": 2,
-        "text_ff_dim": 64,
-        "max_text_length": 64,
-        "block_out_channels": [8, 16],
-        "cross_attention_levels": 1,
-        "attention_head_dim": 4,
-        "norm_num_groups": 4,
-        "num_train_timesteps": 100,
-        "sample_every": 4,
-        "train": {
-            "steps": 4,
-            "batch_size": 4,
-            "warmup_steps": 1,
-            "ema_decay": 0.995,
-            "log_every": 2,
-            "checkpoint_every": 2,
-        },
-        "eval": {"prompts": 9, "sampling_steps": 3},
-    },
-    "distilled_model": {
-        "num_ddim_timesteps": 10,
-        "guidance_embedding_dim": 8,
-        "train": {"steps": 2, "batch_size": 4, "log_every": 1},
-        "eval": {"prompts": 9, "sampling_steps": 2},
-    },
-    "prompt_upsampler": {
-        "vocab_size": 300,
-        "model": {"d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 1, "num_heads": 2},
-        "max_new_tokens": 32,
-        "train": {"steps": 6, "batch_size": 8, "warmup_steps": 1, "log_every": 2,
-                  "checkpoint_every": 3},
-    },
-    "upsampler_chat": {},
-    "clip_s_eval": {
-        "images_per_prompt": 1,
-        "captions": 8,
-        "teacher_steps": 2,
-        "student_steps": 1,
-        "batch_size": 16,
-        "grid_prompts": 2,
-    },
-    # tiny models: the blocking floors are open, the tests that need them raise them
-    "checks": {"clip_color_preference": 0.0, "clip_recall_over_chance": 0.0, "upsampler_kept": 0.0},
-}
+# The CI profile (profiles/ci.yaml): every split, a few shards each, tiny models, open floors.
+SMALL_PARAMS = yaml.safe_load((REPO / "profiles" / "ci.yaml").read_text())
 
 
 def write_web_shards(
@@ -211,7 +134,7 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Project:
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     (root / "params.yaml").write_text(yaml.safe_dump(SMALL_PARAMS))
     (root / ".dagster").mkdir()
-    (root / ".dagster" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    shutil.copy(REPO / "dagster.yaml", root / ".dagster" / "dagster.yaml")
     subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=root, check=True)
     monkeypatch.setenv("DALLE3_PARAMS", str(root / "params.yaml"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

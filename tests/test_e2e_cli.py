@@ -145,3 +145,56 @@ def test_bad_params_stop_a_run_before_any_work(project):
         assert proc.returncode != 0
         assert named in proc.stderr, proc.stderr[-2000:]
         assert not (project.root / "assets").exists()
+
+
+def materialized_by_run(instance: dg.DagsterInstance) -> dict[str, set[str]]:
+    """Each run's job name and the assets it materialized, by run id."""
+    return {
+        r.run_id: {
+            e.dagster_event.asset_key.to_user_string()
+            for e in instance.all_logs(r.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION)
+        }
+        for r in instance.get_runs()
+    }
+
+
+def test_run_rebuilds_only_what_is_missing_or_stale(project):
+    """The whole CI profile through `dalle3 run` (the Dagster CLI, as `make run`): every asset
+    check passes and DVC is clean. A second run recomputes nothing; a changed params section
+    reruns its stage and what is downstream of it, nothing else."""
+    from dalle3_dag.definitions import defs
+
+    dalle3 = [str(BIN / "dalle3"), "run", "--select", "*"]
+    run(dalle3, project)
+    graph = defs.resolve_asset_graph()
+    with cli_instance(project) as instance:
+        first = materialized_by_run(instance)
+        evaluations = [
+            e.dagster_event.event_specific_data
+            for run_id in first
+            for e in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)
+        ]
+    every = {key.to_user_string() for key in graph.materializable_asset_keys}
+    assert set().union(*first.values()) == every
+    assert {e.asset_check_key for e in evaluations} == set(graph.asset_check_keys)
+    assert [e.check_name for e in evaluations if not e.passed] == []
+    assert "up to date" in run([sys.executable, "-m", "dvc", "status"], project)
+
+    started = time.monotonic()
+    second = run(dalle3, project)
+    assert time.monotonic() - started < 60
+    assert "up to date, not rerun: raw_pairs, clip_encoder" in second
+    with cli_instance(project) as instance:
+        new = {k: v for k, v in materialized_by_run(instance).items() if k not in first}
+        jobs = {instance.get_run_by_id(k).job_name for k in new}
+    assert jobs == {"observe_sources"} and set().union(*new.values()) == set()
+
+    params = yaml.safe_load((project.root / "params.yaml").read_text())
+    params["prompt_upsampler"]["train"]["steps"] += 2
+    (project.root / "params.yaml").write_text(yaml.safe_dump(params))
+    run(dalle3, project)
+    with cli_instance(project) as instance:
+        after = materialized_by_run(instance)
+    rerun = set().union(*(v for k, v in after.items() if k not in first and k not in new))
+    assert rerun == {"prompt_upsampler", "clip_s_eval"}
+    assert "up to date" in run([sys.executable, "-m", "dvc", "status"], project)
