@@ -125,10 +125,10 @@ class Project:
         }
 
 
-@pytest.fixture
-def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Project:
-    root = tmp_path / "project"
-    root.mkdir()
+def make_project(root: Path) -> Project:
+    """A throwaway project at `root`: the code linked, the CI profile, its own DVC repo and
+    Dagster instance."""
+    root.mkdir(parents=True)
     for name in ("ml", "dalle3_dag", "pyproject.toml"):
         (root / name).symlink_to(REPO / name)
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
@@ -136,11 +136,17 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Project:
     (root / ".dagster").mkdir()
     shutil.copy(REPO / "dagster.yaml", root / ".dagster" / "dagster.yaml")
     subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=root, check=True)
-    monkeypatch.setenv("DALLE3_PARAMS", str(root / "params.yaml"))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return Project(
         root=root,
         storage=StorageResource(root=str(root / "assets")),
         mlflow=MlflowResource(project_dir=str(root)),
         dvc=DvcResource(repo_dir=str(root)),
     )
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Project:
+    made = make_project(tmp_path / "project")
+    monkeypatch.setenv("DALLE3_PARAMS", str(made.root / "params.yaml"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return made

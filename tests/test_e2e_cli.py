@@ -12,6 +12,7 @@ import dagster as dg
 import mlflow
 import pytest
 import yaml
+from conftest import make_project
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
@@ -62,25 +63,51 @@ def test_cli_materialize_versions_tracks_and_reproduces(project, s3_server):
     assert listed["KeyCount"] > 1
 
 
-def test_cli_runs_training_steps_one_at_a_time(project):
-    """captioner_ssc and captioner_dsc could run side by side; the executor's tag limit keeps
-    them apart, so neither stalls the other's threads."""
-    select = " or ".join(
-        f"key:{key}"
-        for key in ("raw_pairs", "clip_encoder", "captioner_base", "captioner_ssc", "captioner_dsc")
+def step_spans(instance: dg.DagsterInstance, run_id: str) -> dict[str, tuple[float, float]]:
+    """(start, end) of each step of a run."""
+    events = instance.all_logs(
+        run_id, of_type={dg.DagsterEventType.STEP_START, dg.DagsterEventType.STEP_SUCCESS}
     )
-    run([str(BIN / "dagster"), "asset", "materialize", "-m", "dalle3_dag.definitions",
-         "--select", select], project)
-    with cli_instance(project) as instance:
-        run_id = instance.get_latest_materialization_event(dg.AssetKey("captioner_dsc")).run_id
-        events = instance.all_logs(
-            run_id, of_type={dg.DagsterEventType.STEP_START, dg.DagsterEventType.STEP_SUCCESS}
-        )
     spans: dict[str, list[float]] = {}
     for event in events:
         spans.setdefault(event.step_key, []).append(event.timestamp)
-    (ssc_start, ssc_end), (dsc_start, dsc_end) = spans["captioner_ssc"], spans["captioner_dsc"]
-    assert ssc_end <= dsc_start or dsc_end <= ssc_start, spans
+    return {step: (start, end) for step, (start, end) in spans.items()}
+
+
+def test_training_steps_take_turns_in_the_accelerator_pool(project, tmp_path):
+    """Two runs launched together, one training captioner_ssc and one captioner_dsc, never
+    train at once (the pool of dagster.yaml holds across runs), while a data step of a third
+    run on the same instance (another project's raw_pairs) goes on beside them."""
+    materialize = [str(BIN / "dagster"), "asset", "materialize", "-m", "dalle3_dag.definitions"]
+    select = "key:raw_pairs or key:clip_encoder or key:captioner_base"
+    run([*materialize, "--select", select], project)
+    other = make_project(tmp_path / "other")
+    params = yaml.safe_load((other.root / "params.yaml").read_text())
+    params["raw_pairs"]["splits"]["train"] = 12000
+    (other.root / "params.yaml").write_text(yaml.safe_dump(params))
+    beside = {**other.env(), "DAGSTER_HOME": str(project.root / ".dagster")}
+    path = f"{BIN}{os.pathsep}{os.environ['PATH']}"
+    launched = [
+        subprocess.Popen([*materialize, "--select", key], cwd=root, env={**env, "PATH": path},
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for key, root, env in (
+            ("captioner_ssc", project.root, project.env()),
+            ("captioner_dsc", project.root, project.env()),
+            ("raw_pairs", other.root, beside),
+        )
+    ]
+    assert [proc.wait(timeout=600) for proc in launched] == [0, 0, 0]
+    with cli_instance(project) as instance:
+        steps = [
+            (step, span)
+            for record in instance.get_runs()
+            for step, span in step_spans(instance, record.run_id).items()
+        ]
+    (ssc,) = [span for step, span in steps if step == "captioner_ssc"]
+    (dsc,) = [span for step, span in steps if step == "captioner_dsc"]
+    assert ssc[1] <= dsc[0] or dsc[1] <= ssc[0], (ssc, dsc)
+    data = max(span for step, span in steps if step == "raw_pairs")  # the other project's
+    assert data[0] < max(ssc[1], dsc[1]) and min(ssc[0], dsc[0]) < data[1], (data, ssc, dsc)
 
 
 def test_sigkill_leaves_nothing_behind(project):
