@@ -4,6 +4,7 @@ import dagster as dg
 
 from dalle3_dag import captioner, data, evaluation, schedules, text_to_image
 from dalle3_dag.config import CHECKS, CheckFloors
+from dalle3_dag.launch import LAUNCH, LaunchConfig
 from dalle3_dag.project import validate_params
 from dalle3_dag.resources import DvcResource, MlflowResource, StorageResource
 from ml.stages import (
@@ -39,6 +40,7 @@ STAGES = [
 PARAMS = {stage.name: stage.config for stage in STAGES} | {
     CHECKS: CheckFloors,
     UPSAMPLER_CHAT: ChatConfig,  # inference only: `dalle3 generate --upsampler openai`
+    LAUNCH: LaunchConfig,  # how the trainers' processes are laid out, not what they train
 }
 # A bad params file fails the code location's load, so no run starts work on it.
 validate_params(PARAMS)

@@ -22,7 +22,9 @@ from pydantic import create_model
 
 from dalle3_dag.automation import RETRAIN
 from dalle3_dag.imports import closure, module_file, project_imports
+from dalle3_dag.launch import LAUNCH, LaunchConfig, launched
 from dalle3_dag.metadata import captioned_images, markdown_image, markdown_table
+from dalle3_dag.progress import ProgressLog
 from dalle3_dag.project import ACCELERATOR_POOL, PROJECT_DIR, effective_params, resolve
 from dalle3_dag.resources import DvcResource, MlflowResource, StorageResource
 from dalle3_dag.retries import retried_if_transient
@@ -91,46 +93,6 @@ def _code_version(files: list[str], sections: list[str]) -> str:
         values = yaml.safe_dump(effective_params(section), sort_keys=True)
         digest.update(section.encode() + values.encode())
     return digest.hexdigest()[:12]
-
-
-class DagsterLog:
-    """An `ml.stage.Log` on a Dagster step: figures to MLflow at every report, and a line in
-    the run log every `every` of a loop, with its rate and the time left."""
-
-    def __init__(self, context: dg.AssetExecutionContext, every: float = 0.05) -> None:
-        self.context, self.every = context, every
-        self.key = context.asset_key.to_user_string()
-        self.started: tuple[int, float] | None = None
-        self.reported = -1.0
-
-    def info(self, message: str) -> None:
-        self.context.log.info(message)
-
-    def metrics(self, step: int, total: int, values: dict[str, float]) -> None:
-        import mlflow
-
-        mlflow.log_metrics(values, step=step)
-        now = time.monotonic()
-        if self.started is None or step <= self.started[0]:
-            self.started, self.reported = (step, now), step / total
-            return
-        if step / total - self.reported < self.every and step != total:
-            return
-        self.reported = step / total
-        first, then = self.started
-        rate = (step - first) / max(now - then, 1e-9)
-        figures = ", ".join(f"{k} {v:.4g}" for k, v in values.items())
-        eta = (total - step) / rate if rate else 0.0
-        self.context.log.info(
-            f"{self.key}: step {step}/{total} ({step / total:.0%}), {figures}, "
-            f"ETA {int(eta) // 60}:{int(eta) % 60:02d}"
-        )
-
-    def image(self, name: str, image: Any, step: int | None = None) -> None:
-        import mlflow
-
-        path = f"{name}/step-{step:06d}.png" if step is not None else f"{name}.png"
-        mlflow.log_image(image, path)
 
 
 def _metadata_value(value: Any) -> Any:
@@ -222,17 +184,21 @@ def stage_asset(
         )
         for name in stage.inputs:  # a missing input is named before any work
             inputs[name]
-        log = DagsterLog(context)
         started = time.monotonic()
-        log.info(f"{key}: started")
-        with tracked_run(context, mlflow_tracker, dvc):
+        context.log.info(f"{key}: started")
+        with tracked_run(context, mlflow_tracker, dvc) as run:
             mlflow_tracker.log_config(cfg)
+            log = ProgressLog(context.log.info, key, run.info.run_id)
+            launch = resolve(LaunchConfig, LAUNCH)[0] if stage.trains else LaunchConfig()
             if partitions_def:
                 checked: list[dg.AssetCheckResult] = []
                 result = run_stage(stage, cfg, inputs, storage.asset_dir(key), log)
             else:
                 with staged(context, key, storage, checks) as version:
-                    result = run_stage(stage, cfg, inputs, version.path, log)
+                    if launch.processes > 1:
+                        result = launched(context, stage, cfg, inputs, version.path, launch)
+                    else:
+                        result = run_stage(stage, cfg, inputs, version.path, log)
                 checked = version.checks
             if dvc_metrics:
                 metrics_path = Path(dvc.repo_dir) / METRICS_DIR / f"{key}.json"

@@ -25,6 +25,7 @@ from ml.files import write_csv, write_json
 METRICS_FILE = "metrics.json"
 # Not config.json: transformers and diffusers own that name inside model folders.
 CONFIG_FILE = "effective_config.json"
+RESULT_FILE = "result.json"  # a saved StageResult (StageResult.save)
 CADENCE_FIELDS = frozenset({"log_every", "checkpoint_every", "keep_checkpoints", "sample_every"})
 
 
@@ -117,6 +118,36 @@ class StageResult:
     files: dict[str, Any] = field(default_factory=dict)
     curves: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     register: bool = False
+
+    def save(self, folder: Path) -> None:
+        """The result as files (JSON and PNGs), for the process that launched the stage."""
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, image in self.images.items():
+            image.save(folder / f"image-{name}.png")
+        for i, (image, _) in enumerate(self.examples):
+            image.save(folder / f"example-{i}.png")
+        document = {
+            "metrics": self.metrics, "speed": self.speed, "metadata": self.metadata,
+            "images": list(self.images), "examples": [caption for _, caption in self.examples],
+            "tables": self.tables, "files": self.files, "curves": self.curves,
+            "register": self.register,
+        }  # fmt: skip
+        write_json(folder / RESULT_FILE, document)
+
+    @classmethod
+    def load(cls, folder: Path) -> "StageResult":
+        document = json.loads((folder / RESULT_FILE).read_text())
+        images = {name: _png(folder / f"image-{name}.png") for name in document.pop("images")}
+        examples = [
+            (_png(folder / f"example-{i}.png"), caption)
+            for i, caption in enumerate(document.pop("examples"))
+        ]
+        return cls(images=images, examples=examples, **document)
+
+
+def _png(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.copy()
 
 
 @dataclass(frozen=True)

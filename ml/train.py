@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -283,7 +284,7 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
             ema.step(params)
-        losses.append(loss.item())
+        losses.append(accelerator.reduce(loss.detach(), reduction="mean").item())  # all ranks'
         window += time.perf_counter() - started
         done = step + 1
         if after_step is not None:
@@ -313,6 +314,12 @@ def train(
     for module in modules:
         module.eval()
     accelerator.wait_for_everyone()
+    if accelerator.num_processes > 1:
+        _check_ranks_agree(accelerator, params)
+        if not accelerator.is_main_process:
+            # As in diffusers' scripts, rank 0 alone saves and evaluates: the others are done.
+            torch.distributed.destroy_process_group()
+            sys.exit(0)
     return TrainResult(
         steps=end,
         finished=finished,
@@ -323,6 +330,14 @@ def train(
         processes=accelerator.num_processes,
         curve=curve,
     )
+
+
+def _check_ranks_agree(accelerator: Any, params: list[torch.nn.Parameter]) -> None:
+    """DDP keeps every rank's weights identical; a rank that drifted means a lost all-reduce."""
+    total = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1)
+    every = accelerator.gather(total.to(accelerator.device))
+    if not bool((every == every[0]).all()):
+        raise RuntimeError(f"the ranks' weights differ after training: {every.tolist()}")
 
 
 def _save_checkpoint(

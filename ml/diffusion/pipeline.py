@@ -99,7 +99,7 @@ def predict_noise(
     """
     mask = text_mask.unsqueeze(-1).to(text_states.dtype)
     pooled = (text_states * mask).sum(dim=1) / mask.sum(dim=1)
-    guidance_dim = unet.config.time_cond_proj_dim
+    guidance_dim = getattr(unet, "module", unet).config.time_cond_proj_dim  # DDP wraps it
     if (guidance is None) != (guidance_dim is None):
         raise ValueError("pass a guidance scale exactly when the U-Net is a distilled one")
     condition = None if guidance is None else guidance_embedding(guidance, guidance_dim)
