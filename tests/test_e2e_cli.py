@@ -225,3 +225,12 @@ def test_run_rebuilds_only_what_is_missing_or_stale(project):
     rerun = set().union(*(v for k, v in after.items() if k not in first and k not in new))
     assert rerun == {"prompt_upsampler", "clip_s_eval"}
     assert "up to date" in run([sys.executable, "-m", "dvc", "status"], project)
+
+
+def test_cli_lists_the_schedule_and_sensor(project):
+    location = ["-m", "dalle3_dag.definitions"]
+    assert "Validation successful" in run(
+        [str(BIN / "dagster"), "definitions", "validate", *location], project
+    )
+    assert "nightly_rebuild" in run([str(BIN / "dagster"), "schedule", "list", *location], project)
+    assert "new_raw_shards" in run([str(BIN / "dagster"), "sensor", "list", *location], project)
