@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export DO_NOT_TRACK := 1
 
-.PHONY: install run test lint ui bench
+.PHONY: install run test lint ui bench browser
 
 install: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 
@@ -35,8 +35,20 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 run: install
 	$(BIN)/dalle3 run --select '*' --summary
 
-test: install
+test: install browser
 	$(BIN)/pytest
+
+# The UI test (tests/test_ui.py) drives Debian's headless Chromium through its chromedriver.
+browser:
+	@test -x /usr/bin/chromedriver || { \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+	  else \
+	    echo "tests/test_ui.py needs /usr/bin/chromedriver: install the Debian packages" \
+	      "chromium and chromium-driver (as root: apt-get install chromium chromium-driver)" >&2; \
+	    exit 1; \
+	  fi; \
+	}
 
 lint: install
 	$(BIN)/ruff check .

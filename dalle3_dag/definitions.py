@@ -1,11 +1,13 @@
 """The Dagster code location: `dagster dev` and `dagster asset materialize` load this module."""
 
+import os
+
 import dagster as dg
 
 from dalle3_dag import captioner, data, evaluation, schedules, text_to_image
 from dalle3_dag.config import CHECKS, CheckFloors
 from dalle3_dag.launch import LAUNCH, LaunchConfig
-from dalle3_dag.project import validate_params
+from dalle3_dag.project import S3_URI_ENV, validate_params
 from dalle3_dag.resources import DvcResource, MlflowResource, StorageResource
 from ml.stages import (
     captioner as captioners,
@@ -52,7 +54,8 @@ defs = dg.Definitions(
     schedules=[schedules.nightly_rebuild],
     sensors=[schedules.new_raw_shards],
     resources={
-        "storage": StorageResource(),
+        # S3 (optional) from the environment; credentials are boto3's: env or ~/.aws
+        "storage": StorageResource(s3_uri=os.environ.get(S3_URI_ENV)),
         "mlflow_tracker": MlflowResource(),
         "dvc": DvcResource(),
     },

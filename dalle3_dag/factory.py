@@ -183,6 +183,8 @@ def stage_asset(
             s3=storage.s3_client,
         )
         for name in stage.inputs:  # a missing input is named before any work
+            if storage.pull(name):
+                context.log.info(f"{name}: pulled its live version from {storage.s3_uri}")
             inputs[name]
         started = time.monotonic()
         context.log.info(f"{key}: started")

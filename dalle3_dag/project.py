@@ -13,6 +13,7 @@ import yaml
 
 from ml.config import build_config, merge
 
+S3_URI_ENV = "DALLE3_S3_URI"  # s3://bucket/prefix: the asset store's S3 copy
 PROJECT_DIR = Path(os.environ.get("DALLE3_PROJECT_DIR", Path(__file__).resolve().parents[1]))
 
 T = TypeVar("T")

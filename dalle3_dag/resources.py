@@ -20,6 +20,7 @@ import dagster as dg
 import yaml
 from ruamel.yaml import YAML
 
+from dalle3_dag import s3_store
 from dalle3_dag.project import DVC_REPRO_ENV, PROJECT_DIR
 from ml.files import split_s3, write_atomic
 
@@ -27,7 +28,8 @@ REJECTED = ".rejected"
 
 
 class StorageResource(dg.ConfigurableResource):
-    """The materialized store: one folder per asset key, mirrored to S3 when `s3_uri` is set.
+    """The materialized store: one folder per asset key, also kept on S3 when `s3_uri` is set
+    (each version made live whole, see `s3_store`; a worker without a local copy pulls it).
 
     Outputs are written to a staging folder beside the live one and swapped in only when
     complete and audited (write-audit-publish): a failed, killed or rejected materialization
@@ -37,7 +39,8 @@ class StorageResource(dg.ConfigurableResource):
 
     root: str = str(PROJECT_DIR / "assets")
     s3_uri: str | None = None
-    endpoint_url: str | None = None
+    endpoint_url: str | None = None  # else boto3's own settings (AWS_ENDPOINT_URL_S3)
+    multipart_mb: int = 8  # files above this size go up in parts of it
 
     def asset_dir(self, key: str) -> Path:
         return Path(self.root) / key
@@ -82,17 +85,34 @@ class StorageResource(dg.ConfigurableResource):
 
         return boto3.client("s3", endpoint_url=self.endpoint_url)
 
+    def _s3_prefix(self, key: str) -> tuple[str, str]:
+        bucket, prefix = split_s3(self.s3_uri or "")
+        return bucket, f"{prefix.strip('/')}/{key}".lstrip("/")
+
     def publish(self, key: str) -> str | None:
-        """Mirror an asset folder to `s3_uri/<key>/`; returns the S3 prefix, or None if local."""
+        """Upload the live folder of `key` to `s3_uri/<key>/` as its live version (see
+        `s3_store`); returns the version's S3 URI, or None without `s3_uri`. Partitions of
+        one asset publish one at a time, each with every partition finished so far."""
         if not self.s3_uri:
             return None
-        bucket, prefix = split_s3(self.s3_uri)
-        dest = f"{prefix.strip('/')}/{key}".lstrip("/")
+        bucket, prefix = self._s3_prefix(key)
+        with _exclusive(Path(self.root) / ".locks" / f"{key}.publish"):
+            return s3_store.publish(
+                self.s3_client(), self.asset_dir(key), bucket, prefix, self.multipart_mb
+            )
+
+    def pull(self, key: str) -> bool:
+        """Download the live S3 version of `key` when it is not here (a fresh worker); True
+        if it did. Written through `writing`, so a failed download leaves nothing behind."""
+        if not self.s3_uri or self.asset_dir(key).exists():
+            return False
+        bucket, prefix = self._s3_prefix(key)
         client = self.s3_client()
-        src = self.asset_dir(key)
-        for path in sorted(p for p in src.rglob("*") if p.is_file()):
-            client.upload_file(str(path), bucket, f"{dest}/{path.relative_to(src).as_posix()}")
-        return f"s3://{bucket}/{dest}"
+        if s3_store.live_version(client, bucket, prefix) is None:
+            return False
+        with self.writing(key) as staged:
+            s3_store.pull(client, bucket, prefix, staged)
+        return True
 
 
 class Rejected(Exception):
@@ -169,10 +189,14 @@ class MlflowResource(dg.ConfigurableResource):
     ) -> Iterator[Any]:
         import mlflow
 
-        mlflow.set_tracking_uri(self.resolved_uri())
+        uri = self.resolved_uri()
+        mlflow.set_tracking_uri(uri)
         if mlflow.get_experiment_by_name(self.experiment) is None:
+            # A local store keeps artifacts beside it; a server puts them where it was told
+            # (`mlflow server --artifacts-destination s3://...`).
+            server = uri.startswith(("http://", "https://", "databricks"))
             artifacts = (Path(self.project_dir) / "mlartifacts").resolve().as_uri()
-            mlflow.create_experiment(self.experiment, artifact_location=artifacts)
+            mlflow.create_experiment(self.experiment, None if server else artifacts)
         mlflow.set_experiment(self.experiment)
         key = context.asset_key.to_user_string()
         run_tags = {"dagster.run_id": context.run.run_id, "dagster.asset_key": key}

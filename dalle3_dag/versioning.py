@@ -163,7 +163,7 @@ def commit(
     params: dict[str, Any] | None = None,
     checks: list[dg.AssetCheckResult] = (),
 ) -> dg.MaterializeResult:
-    """Version a live asset folder with DVC, mirror it to S3 and build the result.
+    """Version a live asset folder with DVC, publish it to S3 and build the result.
 
     `params` are the params.yaml sections as they ran (overrides applied), which dvc.lock
     records. The DVC hash becomes the Dagster data version and a tag of the MLflow run.

@@ -24,7 +24,7 @@ from safetensors.torch import save as safetensors_bytes
 from ml.clip_config import ClipConfig
 from ml.data.sample import Sample
 from ml.data.shapeworld import SHAPES, Scene, descriptive_caption, scene_of, visible_colors
-from ml.files import write_atomic, write_json
+from ml.files import check_weights, write_atomic, write_json
 from ml.stage import NO_LOG, Log
 from ml.train import Shuffled, TrainResult, train
 
@@ -235,6 +235,7 @@ def load_clip(source: str | Path | ClipConfig) -> tuple[open_clip.CLIP, Preproce
     else:
         if not (Path(source) / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"no {CONFIG_FILE} in CLIP folder: {source}")
+        check_weights(Path(source))
         name, pretrained = f"local-dir:{source}", None
     model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
     model.eval()

@@ -1,4 +1,5 @@
-"""The one way files are written (atomically) and S3 URIs are read, for `ml` and `dalle3_dag`."""
+"""The one way files are written (atomically), weights are checked before loading, and S3 URIs
+are read, for `ml` and `dalle3_dag`."""
 
 import csv
 import io
@@ -47,3 +48,41 @@ def split_s3(uri: str) -> tuple[str, str]:
     """s3://bucket/key -> (bucket, key)."""
     bucket, _, key = uri.removeprefix("s3://").partition("/")
     return bucket, key
+
+
+class UnreadableFile(Exception):
+    """A weights or state file that is truncated, corrupt or an unsafe pickle; names the file."""
+
+    def __init__(self, path: Path, reason: object) -> None:
+        super().__init__(f"{path} cannot be loaded: {reason}")
+        self.path = path
+
+
+def check_loadable(path: Path) -> None:
+    """Raise `UnreadableFile` unless `path` loads safely: safetensors with a whole header and
+    data, or a torch pickle that loads with `weights_only=True` (so a pickle that would run
+    code is refused, as accelerate's own loader does). Other files are left to their readers."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as weights:
+                weights.keys()
+        elif path.suffix in (".bin", ".pkl", ".pt"):
+            from accelerate.utils import load
+
+            load(path, map_location="cpu")  # weights_only=True, accelerate's safe globals
+    except Exception as err:  # safetensors, pickle and zip errors have no common base
+        raise UnreadableFile(path, err) from err
+
+
+def check_weights(folder: Path) -> Path:
+    """`check_loadable` for every weights and state file under `folder`; returns `folder`.
+
+    Libraries' own errors for a truncated file often do not say which file it was."""
+    folder = Path(folder)
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            check_loadable(path)
+    return folder

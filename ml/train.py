@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from ml.config import TrainConfig
+from ml.files import UnreadableFile, check_weights
 from ml.stage import NO_LOG, Log
 
 CHECKPOINTS = "checkpoints"
@@ -158,6 +159,29 @@ def checkpoint_steps(directory: Path) -> list[int]:
     return sorted(int(p.name.removeprefix("step-")) for p in root.glob("step-*") if p.is_dir())
 
 
+def _newest_loadable(accelerator: Any, work: Path, log: Log) -> Path | None:
+    """The newest checkpoint whose every file loads safely. One that does not (truncated,
+    corrupt, an unsafe pickle) is said in the log with the file and set aside as
+    `checkpoints/unreadable-step-N`, and the one before it is used."""
+    found, unreadable = None, []
+    for step in reversed(checkpoint_steps(work)):
+        directory = work / CHECKPOINTS / f"step-{step}"
+        try:
+            found = check_weights(directory)
+            break
+        except UnreadableFile as err:
+            log.info(f"checkpoint step {step} is set aside: {err}")
+            unreadable.append(directory)
+    accelerator.wait_for_everyone()  # every rank has looked before any folder moves
+    if accelerator.is_main_process:
+        for directory in unreadable:
+            aside = directory.with_name(f"unreadable-{directory.name}")
+            shutil.rmtree(aside, ignore_errors=True)
+            directory.rename(aside)
+    accelerator.wait_for_everyone()
+    return found
+
+
 def _save_modules(modules: dict[str, torch.nn.Module], directory: Path) -> None:
     from safetensors.torch import save_file
 
@@ -242,9 +266,9 @@ def train(
     ema = EMAModel(params, decay=cfg.ema_decay, foreach=True) if cfg.ema_decay else None
 
     start, curve = 0, []
-    done_steps = checkpoint_steps(work) if work is not None and resume else []
-    if done_steps:
-        directory = Path(work) / CHECKPOINTS / f"step-{done_steps[-1]}"
+    resumable = work is not None and resume
+    directory = _newest_loadable(accelerator, Path(work), log) if resumable else None
+    if directory is not None:
         accelerator.load_state(str(directory))
         _load_modules(extra, directory)
         if ema is not None:
@@ -323,7 +347,7 @@ def train(
     return TrainResult(
         steps=end,
         finished=finished,
-        resumed_from=start if done_steps else None,
+        resumed_from=start if directory is not None else None,
         final_loss=losses[-1] if losses else float("nan"),
         seconds=total_seconds,
         samples_per_s=samples_per_step * len(losses) / total_seconds if total_seconds else 0.0,

@@ -20,6 +20,7 @@ from dagster._core.definitions.data_version import (
 )
 from dagster._core.loader import LoadingContextForTest
 
+from dalle3_dag import s3_store
 from dalle3_dag.data import observe_sources, raw_pairs, raw_pairs_source
 from dalle3_dag.resources import StorageResource, remove_orphans
 from ml.data.raw_pairs import load_split, split_of
@@ -257,10 +258,12 @@ def test_s3_source_and_mirror(project, s3_server, tmp_path):
     )
     meta = materialization(result).metadata
     assert sum(meta["samples_per_split"].value.values()) == 30
-    assert meta["s3_uri"].value == "s3://mirror/toy/raw_pairs"
-    listed = client.list_objects_v2(Bucket="mirror", Prefix="toy/raw_pairs/")
-    names = {o["Key"] for o in listed["Contents"]}
-    assert {"toy/raw_pairs/summary.json", "toy/raw_pairs/train/00000.tar"} <= names
+    version = s3_store.live_version(client, "mirror", "toy/raw_pairs")
+    assert meta["s3_uri"].value == f"s3://mirror/toy/raw_pairs/versions/{version}"
+    listed = client.list_objects_v2(Bucket="mirror", Prefix=f"toy/raw_pairs/versions/{version}/")
+    names = {o["Key"].rsplit(f"{version}/", 1)[1] for o in listed["Contents"]}
+    local_files = s3_store.manifest_of(project.storage.asset_dir("raw_pairs"))["files"]
+    assert names == {*local_files, s3_store.MANIFEST}
 
     # a dead endpoint is reported before any work, naming the prefix
     dead = StorageResource(root=project.storage.root, endpoint_url="http://127.0.0.1:9")

@@ -20,6 +20,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from ml.captioner.config import CaptionerConfig
+from ml.files import check_weights
 
 CONFIG_FILE = "captioner_config.json"
 PROJECTOR_FILE = "projector.safetensors"
@@ -117,7 +118,7 @@ class Captioner(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "Captioner":
         """Loads what `save_pretrained` wrote, in eval mode."""
-        directory = Path(directory)
+        directory = check_weights(Path(directory))
         config = CaptionerConfig(**json.loads((directory / CONFIG_FILE).read_text()))
         model = cls(config, PreTrainedTokenizerFast.from_pretrained(directory))
         model.lm = GPT2LMHeadModel.from_pretrained(directory)

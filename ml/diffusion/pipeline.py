@@ -35,6 +35,7 @@ from transformers import (
 )
 
 from ml.diffusion.config import DiffusionConfig
+from ml.files import check_weights
 from ml.tokenizer import caption_tokenizer
 
 # Samplers over the training noise schedule. DDIM and DPM-Solver are deterministic (no noise
@@ -154,6 +155,12 @@ class TextToImagePipeline(DiffusionPipeline):
         self.register_modules(
             unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler, vae=vae
         )
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, **kwargs) -> "TextToImagePipeline":
+        """diffusers' loader, after every weights file of the saved folder is checked (named
+        if truncated or corrupt)."""
+        return super().from_pretrained(check_weights(Path(folder)), **kwargs)
 
     def encode_images(
         self, pixels: torch.Tensor, generator: torch.Generator | None = None

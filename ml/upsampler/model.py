@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 
+from ml.files import check_weights
 from ml.stage import NO_LOG, Log
 from ml.train import Shuffled, TrainResult, train
 from ml.upsampler.config import UpsamplerConfig
@@ -104,7 +105,7 @@ class LocalUpsampler:
         folder = Path(folder)
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"no prompt upsampler at {folder} (missing config.json)")
-        model = T5ForConditionalGeneration.from_pretrained(folder)
+        model = T5ForConditionalGeneration.from_pretrained(check_weights(folder))
         return cls(model, AutoTokenizer.from_pretrained(folder), temperature)
 
     def save_pretrained(self, folder: Path, max_new_tokens: int) -> None:
