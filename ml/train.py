@@ -278,6 +278,7 @@ def train(
         batches.load_state_dict(position)
         if (directory / CURVE).is_file():
             curve = json.loads((directory / CURVE).read_text())
+        log.info(f"resumed from the checkpoint at step {start}")
 
     @contextmanager
     def ema_weights() -> Iterator[None]:

@@ -22,6 +22,7 @@ from ml.stages import (
     diffusion_model,
     distilled_model,
     mixed_training_set,
+    prompt_upsampler,
     raw_pairs,
 )
 from ml.stages import recaptioned_dataset as recaptioned
@@ -78,9 +79,11 @@ def command(module: str, stage: str, config: Path, out: Path, assets: Path) -> l
     [
         clip_encoder.STAGE,
         captioner.BASE,
+        captioner.SSC,
         captioner.DSC,
         diffusion_model.STAGE,
         distilled_model.STAGE,
+        prompt_upsampler.STAGE,
     ],
     ids=lambda stage: stage.name,
 )

@@ -87,8 +87,6 @@ def run(cfg: DiffusionConfig, inputs: Inputs, out: Path, log: Log) -> StageResul
     dataset = MixedDataset(MixManifest.load(inputs["mixed_training_set"] / MANIFEST))
     log.info(f"diffusion_model: {cfg.train.steps} steps of {cfg.train.batch_size} images")
     pipe, result = train_model(cfg, dataset, log, inputs.checkpoints(cfg), inputs.resume)
-    if result.resumed_from is not None:
-        log.info(f"resumed from the checkpoint at step {result.resumed_from}")
     pipe.save_pretrained(out)
     saved = TextToImagePipeline.from_pretrained(out).to(device())
     scores, grid = score_text_to_image(saved, cfg.eval)

@@ -1,0 +1,260 @@
+"""Faults a shared deployment meets, injected against real servers on 127.0.0.1: the S3 server
+gone during an asset upload and during `dvc push`, the MLflow server killed while a trainer
+runs, and malformed config for every asset. Each is survived, and nothing is lost.
+
+(SIGKILL of each trainer is in test_train.py and test_e2e_cli.py, a recaptioning run killed
+mid-shard in test_recaption.py, corrupt and pickled weights in test_unreadable_files.py.)
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import dagster as dg
+import pytest
+import yaml
+from mlflow import MlflowClient
+from servers import BIN, Outage, mlflow_server
+
+from dalle3_dag import s3_store
+from dalle3_dag.data import raw_pairs
+from dalle3_dag.definitions import STAGES, defs
+from dalle3_dag.project import validate_params
+from dalle3_dag.resources import StorageResource
+from dalle3_dag.retries import is_transient
+from ml.clip import load_clip
+
+MB = 1 << 20
+
+
+def cli(cmd: list[str], env: dict[str, str], cwd: Path, ok: bool = True) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if ok:
+        assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    else:
+        assert proc.returncode != 0, f"{cmd} should have failed:\n{proc.stdout[-2000:]}"
+    return proc.stdout + proc.stderr
+
+
+def objects(client, bucket: str, prefix: str) -> dict[str, bytes]:
+    """Every object under `prefix`, by key."""
+    listed = client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+    return {o["Key"]: client.get_object(Bucket=bucket, Key=o["Key"])["Body"].read() for o in listed}
+
+
+def test_s3_outage_during_an_asset_upload_never_shows_a_partial_version(s3_server, tmp_path):
+    """The connection dies halfway through a multipart upload of a new version: the old
+    version stays live and whole for readers, the failure is one the step retries, and once
+    the server is back the same publish completes."""
+    direct = boto3.client("s3", endpoint_url=s3_server)
+    direct.create_bucket(Bucket="store")
+    proxy = Outage(s3_server)
+    storage = StorageResource(root=str(tmp_path / "assets"), s3_uri="s3://store/toy",
+                              endpoint_url=proxy.url, multipart_mb=5)  # fmt: skip
+    folder = storage.asset_dir("model")
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text('{"version": 1}')
+    (folder / "weights.safetensors").write_bytes(os.urandom(MB))
+    storage.publish("model")
+    first = s3_store.manifest_of(folder)
+
+    (folder / "config.json").write_text('{"version": 2}')
+    (folder / "weights.safetensors").write_bytes(os.urandom(12 * MB))  # three 5 MB parts
+    second = s3_store.manifest_of(folder)
+    proxy.cut_after(6 * MB)
+    with pytest.raises(Exception) as failed:
+        storage.publish("model")
+    assert is_transient(failed.value), repr(failed.value)
+
+    assert s3_store.live_version(direct, "store", "toy/model") == s3_store.version_id(first)
+    reader = StorageResource(root=str(tmp_path / "reader"), s3_uri="s3://store/toy",
+                             endpoint_url=s3_server)  # fmt: skip
+    assert reader.pull("model")
+    assert s3_store.manifest_of(reader.asset_dir("model")) == first
+    # what reached the server of version 2 is no version: no manifest, no unfinished object
+    base = f"toy/model/versions/{s3_store.version_id(second)}/"
+    landed = {key.removeprefix(base): body for key, body in objects(direct, "store", base).items()}
+    assert s3_store.MANIFEST not in landed and "weights.safetensors" not in landed
+    for name, body in landed.items():
+        assert body == (folder / name).read_bytes(), name
+
+    proxy.restore()
+    uri = storage.publish("model")
+    assert uri == f"s3://store/{base.rstrip('/')}"
+    later = StorageResource(root=str(tmp_path / "later"), s3_uri="s3://store/toy",
+                            endpoint_url=s3_server)  # fmt: skip
+    assert later.pull("model")
+    assert s3_store.manifest_of(later.asset_dir("model")) == second
+
+
+def cache_files(repo: Path) -> dict[str, Path]:
+    """DVC's cache, by the md5 each file is named after."""
+    root = repo / ".dvc" / "cache" / "files" / "md5"
+    return {f"{p.parent.name}{p.name}": p for p in root.glob("*/*")}
+
+
+def md5(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+def test_s3_outage_during_dvc_push_loses_nothing(project, s3_server):
+    """`dvc push` cut off halfway: it fails, the local cache is whole, every object the remote
+    holds is whole; pushed again once the server is back, the remote is complete and a clone
+    with an empty cache gets every file back."""
+    assert dg.materialize([raw_pairs], resources=project.resources).success
+    direct = boto3.client("s3", endpoint_url=s3_server)
+    direct.create_bucket(Bucket="dvc-remote")
+    proxy = Outage(s3_server)
+    env = project.env()
+    dvc = [sys.executable, "-m", "dvc"]
+    cli([*dvc, "remote", "add", "-d", "s3", "s3://dvc-remote/store"], env, project.root)
+    cli([*dvc, "remote", "modify", "s3", "endpointurl", proxy.url], env, project.root)
+    cached = cache_files(project.root)
+    total = sum(p.stat().st_size for p in cached.values())
+    assert len(cached) > 3
+
+    proxy.cut_after(total // 2)
+    cli([*dvc, "push"], env, project.root, ok=False)
+    for name, path in cached.items():  # the cache is intact: every file still matches its name
+        assert md5(path.read_bytes()) == name.removesuffix(".dir"), path
+    assert "up to date" in cli([*dvc, "status", "raw_pairs"], env, project.root)
+    remote = objects(direct, "dvc-remote", "store/")
+    assert len(remote) < len(cached), "the cut came after the push had finished"
+    for key, body in remote.items():  # none half-written
+        assert md5(body) == "".join(key.split("/")[-2:]).removesuffix(".dir"), key
+
+    proxy.restore()
+    cli([*dvc, "push"], env, project.root)
+    assert "in sync" in cli([*dvc, "status", "-c", "raw_pairs"], env, project.root)
+    assert len(objects(direct, "dvc-remote", "store/")) == len(cached)
+    before = s3_store.manifest_of(project.storage.asset_dir("raw_pairs"))
+    shutil.rmtree(project.root / ".dvc" / "cache")
+    shutil.rmtree(project.storage.asset_dir("raw_pairs"))
+    cli([*dvc, "pull", "raw_pairs"], env, project.root)
+    assert s3_store.manifest_of(project.storage.asset_dir("raw_pairs")) == before
+
+
+def clip_runs(client: MlflowClient) -> list:
+    experiment = client.get_experiment_by_name("dalle3-dag")
+    if experiment is None:
+        return []
+    return client.search_runs(
+        [experiment.experiment_id], filter_string="tags.`dagster.asset_key` = 'clip_encoder'"
+    )
+
+
+def test_mlflow_server_killed_during_training_retries_and_leaves_no_run_running(
+    project, tmp_path
+):
+    """The tracking server dies mid-training: the step fails as a transient failure and
+    Dagster retries it; with the server back, it resumes from its checkpoint and finishes.
+    The interrupted MLflow run is closed as KILLED, never left RUNNING."""
+    materialize = [str(BIN / "dagster"), "asset", "materialize", "-m", "dalle3_dag.definitions"]
+    train = {"steps": 300, "checkpoint_every": 20, "log_every": 1}
+    config = {"ops": {"clip_encoder": {"config": {"train": train}}}}
+    with mlflow_server(tmp_path / "mlflow", str(tmp_path / "mlflow-artifacts"),
+                       dict(os.environ)) as server:  # fmt: skip
+        env = project.env() | {
+            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+            "MLFLOW_TRACKING_URI": server.url,
+            # fail at once rather than after MLflow's own minutes of backoff
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+            "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+        }
+        cli([*materialize, "--select", "raw_pairs"], env, project.root)
+        log = tmp_path / "materialize.log"
+        with open(log, "w") as out:
+            proc = subprocess.Popen(
+                [*materialize, "--select", "clip_encoder", "--config-json", json.dumps(config)],
+                cwd=project.root, env=env, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        try:
+            client = MlflowClient(server.url)
+            deadline = time.monotonic() + 300
+            while not any(  # the trainer is past its first checkpoint
+                len(client.get_metric_history(r.info.run_id, "loss")) > train["checkpoint_every"]
+                for r in clip_runs(client)
+            ):
+                assert proc.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, "clip_encoder never started training"
+                time.sleep(0.2)
+            server.kill()
+            with dg.DagsterInstance.from_config(str(project.root / ".dagster")) as instance:
+                while not instance.get_records_for_run(
+                    instance.get_runs(limit=1)[0].run_id,
+                    of_type=dg.DagsterEventType.STEP_UP_FOR_RETRY,
+                ).records:
+                    assert proc.poll() is None, log.read_text()[-3000:]
+                    assert time.monotonic() < deadline, "the step never asked for a retry"
+                    time.sleep(0.5)
+            server.start()
+            assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        text = log.read_text()
+        assert "transient failure" in text and "resumed from the checkpoint at step" in text
+        statuses = sorted(r.info.status for r in clip_runs(MlflowClient(server.url)))
+        assert statuses == ["FINISHED", "KILLED"]
+    load_clip(project.storage.asset_dir("clip_encoder"))
+    # DVC recorded the run as it ran: the version made, with the run's overrides
+    lock = yaml.safe_load((project.root / "dvc.lock").read_text())["stages"]["clip_encoder"]
+    assert lock["params"]["params.yaml"]["clip_encoder"]["train"]["steps"] == train["steps"]
+    assert lock["outs"][0]["md5"] == project.dvc.out_hash("clip_encoder")
+
+
+def a_number_field(values: dict) -> tuple[list[str], object]:
+    """The path and value of the first int or float field in a params section, at any depth."""
+    for name, value in values.items():
+        if isinstance(value, dict) and (found := a_number_field(value))[0]:
+            return [name, *found[0]], found[1]
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return [name], value
+    return [], None
+
+
+@pytest.mark.parametrize("stage", STAGES, ids=lambda stage: stage.name)
+def test_malformed_config_is_refused_naming_the_field(stage, project, monkeypatch):
+    """A value of the wrong type, in params.yaml or in a run's config, is refused before any
+    work, naming the field, and the live version of the asset stays as it was."""
+    key = stage.name
+    live = project.storage.asset_dir(key)
+    live.mkdir(parents=True)
+    (live / "weights.safetensors").write_bytes(b"the live version")
+    params = yaml.safe_load((project.root / "params.yaml").read_text())
+    path, _ = a_number_field(params[key])
+    assert path, f"{key} has no number field to break"
+
+    broken = json.loads(json.dumps(params))
+    holder = broken[key]
+    for name in path[:-1]:
+        holder = holder[name]
+    holder[path[-1]] = "lots"
+    (project.root / "broken.yaml").write_text(yaml.safe_dump(broken))
+    monkeypatch.setenv("DALLE3_PARAMS", str(project.root / "broken.yaml"))
+    from dalle3_dag.definitions import PARAMS
+
+    with pytest.raises(ValueError, match=rf"{key}\.{'.'.join(path)}: "):
+        validate_params(PARAMS, project.root)
+    monkeypatch.setenv("DALLE3_PARAMS", str(project.root / "params.yaml"))
+
+    override: dict = {path[-1]: "lots"}
+    for name in reversed(path[:-1]):
+        override = {name: override}
+    asset = next(a for a in defs.assets if dg.AssetKey(key) in getattr(a, "keys", ()))
+    with pytest.raises(dg.DagsterInvalidConfigError, match=path[-1]):
+        dg.materialize(
+            [asset],
+            resources=project.resources,
+            run_config={"ops": {key: {"config": override}}},
+            selection=[key],
+        )
+    assert [p.name for p in live.iterdir()] == ["weights.safetensors"]
+    assert (live / "weights.safetensors").read_bytes() == b"the live version"
