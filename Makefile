@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export DO_NOT_TRACK := 1
 
-.PHONY: install run test lint ui bench browser
+.PHONY: install run test lint ui bench browser mlflow-server s3-server
 
 install: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 
@@ -61,3 +61,18 @@ ui: install
 		--host 127.0.0.1 --port 5000 & \
 	$(BIN)/dagster dev -m dalle3_dag.definitions --host 127.0.0.1 --port 3000; \
 	kill %1
+
+# A tracking server for a team (README "Production"): runs in SQLite (or PostgreSQL:
+# MLFLOW_BACKEND_STORE_URI=postgresql://user@host/db, with psycopg2 installed), artifacts on
+# S3, whose endpoint and credentials the server reads from MLFLOW_S3_ENDPOINT_URL and AWS_*.
+# The pipeline uses it with MLFLOW_TRACKING_URI=http://127.0.0.1:$(MLFLOW_PORT).
+MLFLOW_PORT ?= 5001
+MLFLOW_BACKEND_STORE_URI ?= sqlite:///$(CURDIR)/mlflow-server.db
+MLFLOW_ARTIFACTS ?= s3://mlflow/artifacts
+mlflow-server: install
+	$(BIN)/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1 \
+		--backend-store-uri $(MLFLOW_BACKEND_STORE_URI) --artifacts-destination $(MLFLOW_ARTIFACTS)
+
+# An S3-compatible server on 127.0.0.1:9000 to try the S3 paths on (moto; MinIO works the same).
+s3-server: install
+	$(BIN)/moto_server -H 127.0.0.1 -p 9000

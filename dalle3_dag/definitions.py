@@ -9,6 +9,7 @@ from dalle3_dag.config import CHECKS, CheckFloors
 from dalle3_dag.launch import LAUNCH, LaunchConfig
 from dalle3_dag.project import S3_URI_ENV, validate_params
 from dalle3_dag.resources import DvcResource, MlflowResource, StorageResource
+from dalle3_dag.versioning import fail_dead_runs
 from ml.stages import (
     captioner as captioners,
 )
@@ -46,6 +47,11 @@ PARAMS = {stage.name: stage.config for stage in STAGES} | {
 }
 # A bad params file fails the code location's load, so no run starts work on it.
 validate_params(PARAMS)
+# A run killed mid-step holds its pool slot until marked failed: free it before this process
+# (the CLI, or a run worker) claims one. Tests and in-process runs have no DAGSTER_HOME.
+if os.path.isdir(os.environ.get("DAGSTER_HOME", "")):
+    with dg.DagsterInstance.get() as _instance:
+        fail_dead_runs(_instance)
 
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules(GROUPS),

@@ -21,6 +21,7 @@ import yaml
 from pydantic import create_model
 
 from dalle3_dag.automation import RETRAIN
+from dalle3_dag.checkpoint_mirror import mirrored
 from dalle3_dag.imports import closure, module_file, project_imports
 from dalle3_dag.launch import LAUNCH, LaunchConfig, launched
 from dalle3_dag.metadata import captioned_images, markdown_image, markdown_table
@@ -192,11 +193,15 @@ def stage_asset(
             mlflow_tracker.log_config(cfg)
             log = ProgressLog(context.log.info, key, run.info.run_id)
             launch = resolve(LaunchConfig, LAUNCH)[0] if stage.trains else LaunchConfig()
+            work = inputs.checkpoints(cfg) if stage.trains else None
             if partitions_def:
                 checked: list[dg.AssetCheckResult] = []
                 result = run_stage(stage, cfg, inputs, storage.asset_dir(key), log)
             else:
-                with staged(context, key, storage, checks) as version:
+                with (
+                    staged(context, key, storage, checks) as version,
+                    mirrored(storage, key, work, resume, context.log.info, context.log.warning),
+                ):
                     if launch.processes > 1:
                         result = launched(context, stage, cfg, inputs, version.path, launch)
                     else:

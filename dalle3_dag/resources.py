@@ -85,7 +85,8 @@ class StorageResource(dg.ConfigurableResource):
 
         return boto3.client("s3", endpoint_url=self.endpoint_url)
 
-    def _s3_prefix(self, key: str) -> tuple[str, str]:
+    def s3_location(self, key: str) -> tuple[str, str]:
+        """The bucket and prefix of `key` under `s3_uri`."""
         bucket, prefix = split_s3(self.s3_uri or "")
         return bucket, f"{prefix.strip('/')}/{key}".lstrip("/")
 
@@ -95,7 +96,7 @@ class StorageResource(dg.ConfigurableResource):
         one asset publish one at a time, each with every partition finished so far."""
         if not self.s3_uri:
             return None
-        bucket, prefix = self._s3_prefix(key)
+        bucket, prefix = self.s3_location(key)
         with _exclusive(Path(self.root) / ".locks" / f"{key}.publish"):
             return s3_store.publish(
                 self.s3_client(), self.asset_dir(key), bucket, prefix, self.multipart_mb
@@ -106,7 +107,7 @@ class StorageResource(dg.ConfigurableResource):
         if it did. Written through `writing`, so a failed download leaves nothing behind."""
         if not self.s3_uri or self.asset_dir(key).exists():
             return False
-        bucket, prefix = self._s3_prefix(key)
+        bucket, prefix = self.s3_location(key)
         client = self.s3_client()
         if s3_store.live_version(client, bucket, prefix) is None:
             return False

@@ -42,7 +42,7 @@ def version_id(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _exists(client: Any, bucket: str, key: str) -> bool:
+def exists(client: Any, bucket: str, key: str) -> bool:
     from botocore.exceptions import ClientError
 
     try:
@@ -65,7 +65,7 @@ def publish(client: Any, folder: Path, bucket: str, prefix: str, part_mb: int) -
     manifest = manifest_of(folder)
     version = version_id(manifest)
     base = f"{prefix}/versions/{version}"
-    if not _exists(client, bucket, f"{base}/{MANIFEST}"):
+    if not exists(client, bucket, f"{base}/{MANIFEST}"):
         for rel in manifest["files"]:
             client.upload_file(str(folder / rel), bucket, f"{base}/{rel}", Config=transfer)
         body = json.dumps(manifest, indent=2, sort_keys=True).encode()
@@ -76,7 +76,7 @@ def publish(client: Any, folder: Path, bucket: str, prefix: str, part_mb: int) -
 
 def live_version(client: Any, bucket: str, prefix: str) -> str | None:
     """The id of the live version under `prefix`, or None if nothing was published there."""
-    if not _exists(client, bucket, f"{prefix}/{LIVE}"):
+    if not exists(client, bucket, f"{prefix}/{LIVE}"):
         return None
     return client.get_object(Bucket=bucket, Key=f"{prefix}/{LIVE}")["Body"].read().decode()
 

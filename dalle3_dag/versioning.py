@@ -120,20 +120,28 @@ def staged(
         ) from err
 
 
-def close_dead_runs(context: dg.AssetExecutionContext) -> list[str]:
-    """Mark this host's Dagster runs whose process died (SIGKILL, OOM) as failed."""
-    instance, host = context.instance, socket.gethostname()
-    instance.add_run_tags(context.run_id, {PID_TAG: str(run_owner_pid()), HOST_TAG: host})
-    closed = []
+def fail_dead_runs(instance: dg.DagsterInstance) -> list[str]:
+    """Mark this host's Dagster runs whose process died (SIGKILL, OOM) as failed, and free the
+    pool slots they held: a killed trainer would otherwise keep the accelerator pool for good,
+    and the next materialization would wait for it forever."""
+    host, closed = socket.gethostname(), []
     started = instance.get_runs(
         filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED], tags={HOST_TAG: host})
     )
     for run in started:
         pid = run.tags.get(PID_TAG, "")
-        if run.run_id != context.run_id and pid.isdigit() and not pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             instance.report_run_failed(run, f"its process {pid} on {host} is gone")
+            instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
             closed.append(run.run_id)
     return closed
+
+
+def close_dead_runs(context: dg.AssetExecutionContext) -> list[str]:
+    """Tag this run with the process that owns it, then fail the runs whose process died."""
+    tags = {PID_TAG: str(run_owner_pid()), HOST_TAG: socket.gethostname()}
+    context.instance.add_run_tags(context.run_id, tags)
+    return fail_dead_runs(context.instance)
 
 
 @contextmanager

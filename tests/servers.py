@@ -14,6 +14,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -98,8 +99,9 @@ class Outage:
 
 
 class MlflowServer:
-    """`mlflow server` with a SQLite backend and artifacts at `artifacts` (an s3:// URI is
-    served through the server, which reads its S3 endpoint from `env`)."""
+    """`make mlflow-server`: `mlflow server` with a SQLite backend and artifacts at
+    `artifacts` (an s3:// URI is served through the server, which reads its S3 endpoint
+    from `env`)."""
 
     def __init__(self, folder: Path, artifacts: str, env: dict[str, str]) -> None:
         self.folder, self.artifacts, self.env = folder, artifacts, env
@@ -112,10 +114,10 @@ class MlflowServer:
 
     def start(self, timeout: float = 90) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        cmd = [
-            str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
-            "--workers", "1", "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
-            "--artifacts-destination", self.artifacts,
+        cmd = [  # the README's `make mlflow-server`, on this port, store and artifacts
+            "make", "-s", "-C", str(REPO), "-o", "install", "mlflow-server", f"BIN={BIN}",
+            f"MLFLOW_PORT={self.port}", f"MLFLOW_ARTIFACTS={self.artifacts}",
+            f"MLFLOW_BACKEND_STORE_URI=sqlite:///{self.folder / 'mlflow.db'}",
         ]  # fmt: skip
         with open(self.folder / "server.log", "ab") as log:  # the child keeps its own handle
             self.process = subprocess.Popen(

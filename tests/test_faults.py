@@ -1,6 +1,7 @@
 """Faults a shared deployment meets, injected against real servers on 127.0.0.1: the S3 server
 gone during an asset upload and during `dvc push`, the MLflow server killed while a trainer
-runs, and malformed config for every asset. Each is survived, and nothing is lost.
+runs, a trainer killed with its node (resumed elsewhere from its S3 checkpoint), and malformed
+config for every asset. Each is survived, and nothing is lost.
 
 (SIGKILL of each trainer is in test_train.py and test_e2e_cli.py, a recaptioning run killed
 mid-shard in test_recaption.py, corrupt and pickled weights in test_unreadable_files.py.)
@@ -10,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -22,7 +24,7 @@ import yaml
 from mlflow import MlflowClient
 from servers import BIN, Outage, mlflow_server
 
-from dalle3_dag import s3_store
+from dalle3_dag import checkpoint_mirror, s3_store
 from dalle3_dag.data import raw_pairs
 from dalle3_dag.definitions import STAGES, defs
 from dalle3_dag.project import validate_params
@@ -258,3 +260,49 @@ def test_malformed_config_is_refused_naming_the_field(stage, project, monkeypatc
         )
     assert [p.name for p in live.iterdir()] == ["weights.safetensors"]
     assert (live / "weights.safetensors").read_bytes() == b"the live version"
+
+
+def test_a_trainer_killed_with_its_node_resumes_elsewhere_from_its_s3_checkpoint(
+    project, s3_server
+):
+    """SIGKILL mid-training and the node's disk gone: the rerun on a fresh disk pulls the
+    newest checkpoint the step had uploaded, byte for byte, and resumes from it."""
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    s3.create_bucket(Bucket="assets")
+    env = project.env() | {
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "DALLE3_S3_URI": "s3://assets/toy",
+        "AWS_ENDPOINT_URL_S3": s3_server,
+    }
+    materialize = [str(BIN / "dagster"), "asset", "materialize", "-m", "dalle3_dag.definitions"]
+    cli([*materialize, "--select", "raw_pairs"], env, project.root)
+    train = {"steps": 400, "checkpoint_every": 20, "log_every": 20}
+    config = ["--config-json", json.dumps({"ops": {"clip_encoder": {"config": {"train": train}}}})]
+    command = [*materialize, "--select", "clip_encoder", *config]
+    proc = subprocess.Popen(command, cwd=project.root, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    newest = None
+    try:
+        deadline = time.monotonic() + 300
+        while newest is None:
+            assert proc.poll() is None, "clip_encoder ended before a checkpoint was uploaded"
+            assert time.monotonic() < deadline, "no checkpoint reached S3"
+            listed = s3.list_objects_v2(Bucket="assets", Prefix="toy/checkpoints/clip_encoder/")
+            for item in listed.get("Contents", []):
+                if item["Key"].endswith(f"/{checkpoint_mirror.NEWEST}"):
+                    newest = s3.get_object(Bucket="assets", Key=item["Key"])["Body"].read()
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    step = int(newest.decode().removeprefix("step-"))
+    assert 0 < step < train["steps"]
+    shutil.rmtree(project.root / "assets" / ".checkpoints")  # the node and its disk are gone
+
+    log = cli(command, env, project.root)  # would wait forever if the dead run kept its slot
+    with dg.DagsterInstance.from_config(str(project.root / ".dagster")) as instance:
+        statuses = sorted(r.status.value for r in instance.get_runs())
+    assert statuses == ["FAILURE", "SUCCESS", "SUCCESS"]  # the killed one, raw_pairs, the rerun
+    assert f"clip_encoder: pulled the checkpoint at step {step} from s3://assets/toy" in log
+    assert f"resumed from the checkpoint at step {step}" in log
+    load_clip(project.storage.asset_dir("clip_encoder"))
