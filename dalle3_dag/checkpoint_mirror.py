@@ -32,9 +32,9 @@ def restore(storage: StorageResource, key: str, work: Path) -> int | None:
         return None
     client = storage.s3_client()
     bucket, prefix = _run_prefix(storage, key, work)
-    if not s3_store.exists(client, bucket, f"{prefix}/{NEWEST}"):
+    name = s3_store.read_pointer(client, bucket, f"{prefix}/{NEWEST}")
+    if name is None:
         return None
-    name = client.get_object(Bucket=bucket, Key=f"{prefix}/{NEWEST}")["Body"].read().decode()
     final = work / CHECKPOINTS / name
     temp = final.with_name(f".{name}.pulling")
     shutil.rmtree(temp, ignore_errors=True)

@@ -42,7 +42,7 @@ def version_id(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def exists(client: Any, bucket: str, key: str) -> bool:
+def _exists(client: Any, bucket: str, key: str) -> bool:
     from botocore.exceptions import ClientError
 
     try:
@@ -65,7 +65,7 @@ def publish(client: Any, folder: Path, bucket: str, prefix: str, part_mb: int) -
     manifest = manifest_of(folder)
     version = version_id(manifest)
     base = f"{prefix}/versions/{version}"
-    if not exists(client, bucket, f"{base}/{MANIFEST}"):
+    if not _exists(client, bucket, f"{base}/{MANIFEST}"):
         for rel in manifest["files"]:
             client.upload_file(str(folder / rel), bucket, f"{base}/{rel}", Config=transfer)
         body = json.dumps(manifest, indent=2, sort_keys=True).encode()
@@ -74,11 +74,16 @@ def publish(client: Any, folder: Path, bucket: str, prefix: str, part_mb: int) -
     return f"s3://{bucket}/{base}"
 
 
+def read_pointer(client: Any, bucket: str, key: str) -> str | None:
+    """The text of the small pointer object `key` (`LIVE` and the like), or None if absent."""
+    if not _exists(client, bucket, key):
+        return None
+    return client.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+
+
 def live_version(client: Any, bucket: str, prefix: str) -> str | None:
     """The id of the live version under `prefix`, or None if nothing was published there."""
-    if not exists(client, bucket, f"{prefix}/{LIVE}"):
-        return None
-    return client.get_object(Bucket=bucket, Key=f"{prefix}/{LIVE}")["Body"].read().decode()
+    return read_pointer(client, bucket, f"{prefix}/{LIVE}")
 
 
 def pull(client: Any, bucket: str, prefix: str, dest: Path) -> str:

@@ -1,5 +1,6 @@
 """Real servers for the production tests, started on 127.0.0.1 and stopped after: an MLflow
-tracking server, and a TCP proxy that takes a server down and brings it back."""
+tracking server, and a TCP proxy that takes a server down and brings it back; and the run of
+a CLI command that must succeed (or fail)."""
 
 import os
 import signal
@@ -15,6 +16,30 @@ from pathlib import Path
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
+
+
+def cli(cmd: list[str], env: dict[str, str], cwd: Path, ok: bool = True) -> str:
+    """Run `cmd`; assert it succeeded (or, with `ok=False`, failed); return its output."""
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if ok:
+        assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    else:
+        assert proc.returncode != 0, f"{cmd} should have failed:\n{proc.stdout[-2000:]}"
+    return proc.stdout + proc.stderr
+
+
+def wait_for_http(url: str, process: subprocess.Popen, timeout: float, log: Path) -> None:
+    """Until `url` answers 200; the server exiting first fails with the tail of its `log`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, log.read_text(errors="replace")[-3000:]
+        try:
+            with urllib.request.urlopen(url, timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer in {timeout} s")
 
 
 def free_port() -> int:
@@ -123,16 +148,7 @@ class MlflowServer:
             self.process = subprocess.Popen(
                 cmd, env=self.env, stdout=log, stderr=log, start_new_session=True
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, (self.folder / "server.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as answer:
-                    if answer.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.3)
-        raise TimeoutError(f"mlflow server did not answer on {self.url} in {timeout} s")
+        wait_for_http(f"{self.url}/health", self.process, timeout, self.folder / "server.log")
 
     def kill(self) -> None:
         """SIGKILL the server and its workers, as a crashed host would."""

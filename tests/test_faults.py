@@ -22,7 +22,7 @@ import dagster as dg
 import pytest
 import yaml
 from mlflow import MlflowClient
-from servers import BIN, Outage, mlflow_server
+from servers import BIN, Outage, cli, mlflow_server
 
 from dalle3_dag import checkpoint_mirror, s3_store
 from dalle3_dag.data import raw_pairs
@@ -33,15 +33,6 @@ from dalle3_dag.retries import is_transient
 from ml.clip import load_clip
 
 MB = 1 << 20
-
-
-def cli(cmd: list[str], env: dict[str, str], cwd: Path, ok: bool = True) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if ok:
-        assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    else:
-        assert proc.returncode != 0, f"{cmd} should have failed:\n{proc.stdout[-2000:]}"
-    return proc.stdout + proc.stderr
 
 
 def objects(client, bucket: str, prefix: str) -> dict[str, bytes]:

@@ -5,7 +5,6 @@ S3-compatible server (moto) on 127.0.0.1, with credentials only in the environme
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import dagster as dg
 import pytest
 from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
-from servers import BIN, mlflow_server
+from servers import BIN, cli, mlflow_server
 
 from dalle3_dag import s3_store
 from dalle3_dag.resources import StorageResource
@@ -35,12 +34,6 @@ def s3_env(endpoint: str) -> dict[str, str]:
         "AWS_ENDPOINT_URL_S3": endpoint,
         "MLFLOW_S3_ENDPOINT_URL": endpoint,
     }
-
-
-def cli(cmd: list[str], env: dict[str, str], cwd) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout + proc.stderr
 
 
 def materialize(select: str, env: dict[str, str], cwd) -> str:

@@ -12,7 +12,6 @@ import re
 import signal
 import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -28,7 +27,7 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import WebDriverWait
-from servers import BIN, free_port
+from servers import BIN, free_port, wait_for_http
 
 pytestmark = pytest.mark.e2e
 
@@ -107,27 +106,14 @@ def dagster_dev(project: Project, log_path: Path) -> Iterator[str]:
             cmd, cwd=project.root, env=env, stdout=log, stderr=log, start_new_session=True
         )
     try:
-        wait_for_server(url, process)
+        # the webserver answers before the code location has loaded: the graph waits longer
+        wait_for_http(f"{url}/server_info", process, SERVER_TIMEOUT, log_path)
         yield url
     except BaseException:
         print(f"--- {log_path} ---\n{log_path.read_text(errors='replace')[-6000:]}")
         raise
     finally:
         stop(process)
-
-
-def wait_for_server(url: str, process: subprocess.Popen) -> None:
-    """Until the webserver answers (the code location may still be loading)."""
-    deadline = time.monotonic() + SERVER_TIMEOUT
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"dagster dev exited with {process.returncode}"
-        try:
-            with urllib.request.urlopen(f"{url}/server_info", timeout=2) as answer:
-                if answer.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"dagster dev did not answer on {url} in {SERVER_TIMEOUT} s")
 
 
 def wait_for_run(instance: dg.DagsterInstance, run_id: str) -> dg.DagsterRun:
