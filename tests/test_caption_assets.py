@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import web_source, write_web_shards
+from diffusers import AutoencoderKL
 from transformers import T5ForConditionalGeneration
 
 from dalle3_dag import captioner, data, evaluation, text_to_image
@@ -160,16 +161,42 @@ def test_whole_graph_end_to_end(project, instance, tmp_path):
     seen = [row["key"] for row in MixedDataset(manifest)]
     assert len(seen) == len(set(seen)) == 64
 
-    # text to image: the diffusion model learns from the blend, the student from the teacher
+    # the image autoencoder: diffusers' AutoencoderKL, scored on reconstructions; its check
+    # blocks, so a floor above its score keeps a new version from going live
+    vae = materialize(project, instance, ["image_autoencoder"])
+    (event,) = vae.asset_materializations_for_node("image_autoencoder")
+    vae_dir = project.storage.asset_dir("image_autoencoder")
+    assert AutoencoderKL.from_pretrained(vae_dir).config.latent_channels == 4
+    assert event.metadata["latent_shape"].value == [4, 8, 8]
+    live = project.dvc.out_hash("image_autoencoder")
+    params = yaml.safe_load((project.root / "params.yaml").read_text())
+    params["checks"]["autoencoder_psnr"] = read_metrics(vae_dir)["psnr"] + 1
+    (project.root / "params.yaml").write_text(yaml.safe_dump(params))
+    rejected = dg.materialize(
+        [*ASSETS, *CHECKS], selection=["image_autoencoder"], resources=project.resources,
+        instance=instance, raise_on_error=False,
+        run_config={"ops": {"image_autoencoder": {"config": {"train": {"steps": 2}}}}},
+    )
+    assert not rejected.success
+    assert "image_autoencoder_reconstructs" in str(
+        rejected.failure_data_for_node("image_autoencoder").error
+    )
+    assert project.dvc.out_hash("image_autoencoder") == live
+    params["checks"]["autoencoder_psnr"] = 0.0
+    (project.root / "params.yaml").write_text(yaml.safe_dump(params))
+
+    # text to image: the diffusion model learns from the blend on the autoencoder's latents,
+    # the student from the teacher; both draw the world's 32 px
     t2i = materialize(project, instance, ["diffusion_model", "distilled_model"])
     assert t2i.success
     for key in ("diffusion_model", "distilled_model"):
         folder = project.storage.asset_dir(key)
-        assert {"model_index.json", "unet", "text_encoder", "tokenizer", "scheduler"} <= {
+        assert {"model_index.json", "unet", "text_encoder", "tokenizer", "scheduler", "vae"} <= {
             p.name for p in folder.iterdir()
         }
         (event,) = t2i.asset_materializations_for_node(key)
-        for name in ("color_accuracy", "position_accuracy", "short_color_accuracy"):
+        names = ("color_accuracy", "position_accuracy", "two_object_accuracy", "color_low")
+        for name in (*names, "short_color_accuracy"):
             assert event.metadata[name].value == pytest.approx(read_metrics(folder)[name], abs=5e-5)
         run = mlflow.get_run(event.metadata["mlflow_run_id"].value)
         assert run.info.status == "FINISHED" and "loss" in run.data.metrics
@@ -177,10 +204,19 @@ def test_whole_graph_end_to_end(project, instance, tmp_path):
     checkpoints = project.storage.asset_dir(".checkpoints") / "diffusion_model"
     (run_dir,) = checkpoints.iterdir()
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-2", "step-4"]
-    # a rerun with the same config and data resumes from the finished run's last checkpoint
+    # a rerun with the same config and data resumes from the finished run's last checkpoint;
+    # with a floor above its two-object score its check fails (not blocking)
+    teacher_metrics = read_metrics(project.storage.asset_dir("diffusion_model"))
+    params = yaml.safe_load((project.root / "params.yaml").read_text())
+    params["checks"]["prompt_two_object"] = teacher_metrics["two_object_accuracy"] + 0.01
+    (project.root / "params.yaml").write_text(yaml.safe_dump(params))
     rerun = materialize(project, instance, ["diffusion_model"])
     (event,) = rerun.asset_materializations_for_node("diffusion_model")
     assert event.metadata["resumed_from_step"].value == 4
+    (check,) = rerun.get_asset_check_evaluations()
+    assert check.check_name == "diffusion_model_follows_prompts" and not check.passed
+    params["checks"]["prompt_two_object"] = 0.0
+    (project.root / "params.yaml").write_text(yaml.safe_dump(params))
 
     # the prompt upsampler: a plain transformers folder, scored on the held-out prompts
     upsampled = materialize(project, instance, ["prompt_upsampler"])
@@ -306,7 +342,7 @@ def test_whole_graph_runs_from_a_webdataset_folder(project, instance, tmp_path):
 
     for shard in sorted(instance.get_dynamic_partitions(SHARDS.name)):
         assert materialize(project, instance, ["recaptioned_dataset"], shard).success
-    t2i_keys = ["mixed_training_set", "diffusion_model", "distilled_model"]
+    t2i_keys = ["mixed_training_set", "image_autoencoder", "diffusion_model", "distilled_model"]
     t2i = materialize(project, instance, t2i_keys)
     assert t2i.success
     (student,) = t2i.asset_materializations_for_node("distilled_model")

@@ -1,5 +1,6 @@
-"""The text-to-image model: sampling, the diffusers save/load layout, training steps in pixel
-and latent space, and exact resumption after a SIGKILL."""
+"""The text-to-image model: sampling in pixel and latent space, the diffusers save/load layout
+(`vae/` included), the stage's training steps on an autoencoder's latents, and exact
+resumption after a SIGKILL."""
 
 import json
 from dataclasses import replace
@@ -101,26 +102,33 @@ def assert_equal_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
 # --- pipeline ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "dpm"])
+@pytest.mark.parametrize(
+    ("sampler", "space"), [("ddim", "pixel"), ("dpm", "pixel"), ("ddim", "latent")]
+)
 def test_sampling_is_deterministic_per_seed_and_survives_save_load(
-    sampler: str, tmp_path: Path
+    sampler: str, space: str, tmp_path: Path
 ) -> None:
-    pipe = build_pipeline(TINY, CORPUS)
+    vae_dir = tiny_vae(tmp_path / "vae") if space == "latent" else None
+    pipe = build_pipeline(TINY, CORPUS, vae_dir)
     pipe.set_progress_bar_config(disable=True)
+    side = 8 if space == "latent" else 16  # the U-Net's: the autoencoder halves 16 px once
+    assert pipe.unet.config.sample_size == side and pipe.image_size == 16
     images = pipe(PROMPTS, num_inference_steps=4, seed=1, sampler=sampler)
     assert [im.size for im in images] == [(16, 16)] * 2 and images[0].mode == "RGB"
     assert same_images(images, pipe(PROMPTS, num_inference_steps=4, seed=1, sampler=sampler))
     other = pipe(PROMPTS, num_inference_steps=4, seed=2, sampler=sampler)
     assert not any(np.array_equal(x, y) for x, y in zip(pixels(images), pixels(other), strict=True))
 
-    pipe.save_pretrained(tmp_path)
-    saved = json.loads((tmp_path / "model_index.json").read_text())
+    pipe.save_pretrained(tmp_path / "pipe")
+    saved = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
     assert saved["_class_name"] == "TextToImagePipeline"
-    folders = {p.name for p in tmp_path.iterdir()}
+    folders = {p.name for p in (tmp_path / "pipe").iterdir()}
     assert {"unet", "text_encoder", "tokenizer", "scheduler"} <= folders
-    loaded = TextToImagePipeline.from_pretrained(tmp_path)
+    assert ("vae" in folders) == (space == "latent")
+    loaded = TextToImagePipeline.from_pretrained(tmp_path / "pipe")
     loaded.set_progress_bar_config(disable=True)
-    assert loaded.vae is None and loaded.tokenizer.model_max_length == TINY.max_text_length
+    assert (loaded.vae is None) == (space == "pixel")
+    assert loaded.tokenizer.model_max_length == TINY.max_text_length
     assert same_images(images, loaded(PROMPTS, num_inference_steps=4, seed=1, sampler=sampler))
     # the learned vocabulary survives, eos included: the empty (guidance) prompt is one token
     eos = loaded.tokenizer.eos_token_id
@@ -141,10 +149,10 @@ def test_toy_tokenizers_end_every_prompt_with_eos(tokenizer: str) -> None:
 
 
 def test_missing_pretrained_paths_are_named(tmp_path: Path) -> None:
-    for field in ("text_encoder_path", "vae_path"):
-        missing = str(tmp_path / f"no-{field}")
-        with pytest.raises(FileNotFoundError, match=f"no-{field}"):
-            build_pipeline(replace(TINY, **{field: missing}), CORPUS)
+    with pytest.raises(FileNotFoundError, match="no-t5"):
+        build_pipeline(replace(TINY, text_encoder_path=str(tmp_path / "no-t5")), CORPUS)
+    with pytest.raises(FileNotFoundError, match="image_autoencoder.*no-vae"):
+        build_pipeline(TINY, CORPUS, tmp_path / "no-vae")
 
 
 def test_config_round_trips_and_validates(tmp_path: Path) -> None:
@@ -186,23 +194,29 @@ def tiny_vae(directory: Path) -> str:
     return str(directory)
 
 
-@pytest.mark.parametrize("space", ["pixel", "latent"])
-def test_training_steps_change_the_weights(space: str, manifest: Path, tmp_path: Path) -> None:
+def test_training_steps_change_the_weights(manifest: Path, tmp_path: Path) -> None:
     cfg = replace(TINY, sample_every=2, train=replace(TINY.train, steps=2))
-    if space == "latent":
-        cfg = replace(cfg, vae_path=tiny_vae(tmp_path / "vae"))
     cfg.eval = replace(cfg.eval, prompts=9, sampling_steps=2)
     log = RecordingLog()
-    inputs = Inputs({"mixed_training_set": manifest.parent}, work=tmp_path / "work")
+    vae_dir = Path(tiny_vae(tmp_path / "vae"))
+    inputs = Inputs(
+        {"mixed_training_set": manifest.parent, "image_autoencoder": vae_dir},
+        work=tmp_path / "work",
+    )
     result = run_stage(diffusion_model.STAGE, cfg, inputs, tmp_path / "out", log)
     assert result.metadata["steps"] == 2 and result.speed["train_images_per_s"] > 0
-    assert {"color_accuracy", "position_accuracy", "short_color_accuracy"} <= result.metrics.keys()
+    assert result.metadata["latent_shape"] == [4, 8, 8] and result.metadata["image_size"] == 16
+    asked = {"color_accuracy", "color_low", "color_high", "two_object_accuracy"}
+    assert asked | {"two_object_low", "short_color_accuracy"} <= result.metrics.keys()
+    assert result.metrics["color_low"] <= result.metrics["color_accuracy"]
     trained = TextToImagePipeline.from_pretrained(tmp_path / "out")
-    channels, size = (4, 8) if space == "latent" else (3, 16)
-    assert (trained.unet.config.in_channels, trained.unet.config.sample_size) == (channels, size)
-    assert (trained.vae is None) == (space == "pixel")
+    assert (trained.unet.config.in_channels, trained.unet.config.sample_size) == (4, 8)
+    # the autoencoder travels with the model, frozen: its weights are the asset's
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    theirs = trained.vae.state_dict()
+    assert all(torch.equal(tensor, theirs[name]) for name, tensor in vae.state_dict().items())
     corpus = caption_corpus(MixedDataset(MixManifest.load(manifest)))
-    before, after = weights(build_pipeline(cfg, corpus)), weights(trained)
+    before, after = weights(build_pipeline(cfg, corpus, vae_dir)), weights(trained)
     assert all(not torch.equal(before[k], after[k]) for k in before if k.startswith("unet."))
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("text_"))
 

@@ -9,7 +9,10 @@ import yaml
 from dalle3_dag.definitions import defs
 from dalle3_dag.launch import LaunchConfig, torchrun
 
-UPSTREAM = ["raw_pairs", "clip_encoder", "captioner_base", "captioner_ssc", "captioner_dsc"]
+UPSTREAM = [
+    "raw_pairs", "clip_encoder", "captioner_base", "captioner_ssc", "captioner_dsc",
+    "image_autoencoder",
+]  # fmt: skip
 
 
 def materialize(project, instance, select, **kwargs) -> dg.ExecuteInProcessResult:

@@ -21,6 +21,7 @@ from ml.stages import (
     clip_encoder,
     diffusion_model,
     distilled_model,
+    image_autoencoder,
     mixed_training_set,
     prompt_upsampler,
     raw_pairs,
@@ -40,8 +41,8 @@ def small(stage, **train) -> object:
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """raw_pairs, clip_encoder, captioner_base and a mixed_training_set, made by their stages
-    with the test profile's settings."""
+    """Every input of the trainers (raw_pairs to the image autoencoder and diffusion_model),
+    made by their stages with the test profile's settings."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("assets")
 
@@ -55,6 +56,7 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
         make(stage, small(stage, steps=2))
     make(recaptioned.STAGE, build_config(recaptioned.STAGE.config, {"batch_size": 32}, "r"))
     make(mixed_training_set.STAGE, mixed_training_set.STAGE.config())
+    make(image_autoencoder.STAGE, small(image_autoencoder.STAGE, steps=2))
     make(diffusion_model.STAGE, small(diffusion_model.STAGE, steps=2))
     return root
 
@@ -81,6 +83,7 @@ def command(module: str, stage: str, config: Path, out: Path, assets: Path) -> l
         captioner.BASE,
         captioner.SSC,
         captioner.DSC,
+        image_autoencoder.STAGE,
         diffusion_model.STAGE,
         distilled_model.STAGE,
         prompt_upsampler.STAGE,

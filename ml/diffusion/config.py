@@ -3,8 +3,8 @@ distillation, how each trains and how each is scored. Apart from the model code,
 Dagster code location reads them without torch.
 
 The defaults are the toy profile, sized by measurement on a 2-core CPU (docs/benchmarks.md,
-"Design measurements"); a real profile sets `text_encoder_path` (a pretrained T5, frozen),
-`vae_path` (latent diffusion), a larger U-Net and mixed precision.
+"Design measurements"); a real profile sets `text_encoder_path` (a pretrained T5, frozen), a
+larger U-Net and mixed precision, and points `image_autoencoder.source` at SD's VAE.
 """
 
 from dataclasses import dataclass, field
@@ -47,7 +47,7 @@ class DiffusionConfig:
     docs/benchmarks.md, "Design measurements".
     """
 
-    image_size: int = 16
+    image_size: int = 32  # pixels; the U-Net's side is this over the autoencoder's downsampling
     # text encoder
     text_encoder_path: str = ""  # a local pretrained T5 directory; "" builds the toy encoder
     tokenizer: str = "bpe"  # toy encoder: "bpe" learned from the training captions, or "byte"
@@ -62,9 +62,8 @@ class DiffusionConfig:
     block_out_channels: tuple[int, ...] = (32, 64, 64)
     layers_per_block: int = 2
     attention_head_dim: int = 8
-    cross_attention_levels: int = 2  # the lowest-resolution levels that cross-attend the text
+    cross_attention_levels: int = 3  # the lowest-resolution levels that cross-attend the text
     norm_num_groups: int = 8
-    vae_path: str = ""  # a local AutoencoderKL directory; "" trains in pixel space
     # noise schedule
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
@@ -140,9 +139,7 @@ class AutoencoderConfig:
                      "eval_images"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        check_levels(
-            self.block_out_channels, self.norm_num_groups, self.image_size, "autoencoder"
-        )
+        check_levels(self.block_out_channels, self.norm_num_groups, self.image_size, "autoencoder")
         if self.kl_weight < 0:
             raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight}")
         if self.split == "eval":

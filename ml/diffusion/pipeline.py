@@ -169,13 +169,28 @@ class TextToImagePipeline(DiffusionPipeline):
         if self.vae is None:
             return pixels
         posterior = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
-        return posterior.sample(generator) * self.vae.config.scaling_factor
+        shift, scale = self._latent_normalization()
+        return (posterior.sample(generator) - shift) * scale
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """The inverse of `encode_images`: pixels in [-1, 1] (unclamped)."""
         if self.vae is None:
             return latents
-        return self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        shift, scale = self._latent_normalization()
+        return self.vae.decode((latents / scale + shift).to(self.vae.dtype)).sample
+
+    def _latent_normalization(self) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+        """(shift, scale) taking the VAE's latents to what the U-Net sees: per channel where
+        its config has `latents_mean`/`latents_std` (SDXL's convention, our toy VAE's), else
+        SD's one `scaling_factor`."""
+        config = self.vae.config
+        if getattr(config, "latents_mean", None) is None:
+            return 0.0, config.scaling_factor
+        device, dtype = self.vae.device, self.vae.dtype
+        channels = (1, -1, 1, 1)
+        mean = torch.tensor(config.latents_mean, device=device, dtype=dtype).view(channels)
+        std = torch.tensor(config.latents_std, device=device, dtype=dtype).view(channels)
+        return mean, config.scaling_factor / std
 
     @torch.no_grad()
     def __call__(
@@ -285,9 +300,12 @@ def build_text_encoder(
     return encoder, tokenizer
 
 
-def build_pipeline(cfg: DiffusionConfig, corpus: Sequence[str] = ()) -> TextToImagePipeline:
+def build_pipeline(
+    cfg: DiffusionConfig, corpus: Sequence[str] = (), vae_dir: str | Path | None = None
+) -> TextToImagePipeline:
     """A fresh model for `cfg`, its random weights a function of `cfg.train.seed` alone (and its BPE
-    vocabulary of the captions in `corpus`).
+    vocabulary of the captions in `corpus`): in the latent space of the frozen `AutoencoderKL`
+    saved in `vae_dir` (the `image_autoencoder` asset), or in pixel space without one.
 
     Cross-attention sits only in the `cross_attention_levels` lowest-resolution levels (and the
     mid block): on CPU, attention at higher resolutions costs most of the throughput.
@@ -297,8 +315,8 @@ def build_pipeline(cfg: DiffusionConfig, corpus: Sequence[str] = ()) -> TextToIm
         text_encoder, tokenizer = build_text_encoder(cfg, corpus)
         vae = None
         channels, size = 3, cfg.image_size
-        if cfg.vae_path:
-            vae = AutoencoderKL.from_pretrained(existing_dir(cfg.vae_path, "vae_path"))
+        if vae_dir is not None:
+            vae = AutoencoderKL.from_pretrained(existing_dir(str(vae_dir), "image_autoencoder"))
             vae.requires_grad_(False)
             channels = vae.config.latent_channels
             size //= 2 ** (len(vae.config.block_out_channels) - 1)

@@ -87,7 +87,7 @@ def diffusion_loss(
 
 
 def sample_grid(pipe: TextToImagePipeline, prompts: Sequence[str], seed: int) -> Image.Image:
-    """Samples for fixed prompts and seed, so grids compare across steps."""
+    """Samples for fixed prompts and seed, so grids compare across steps, each under its prompt."""
     pipe.unet.eval()
     pipe.text_encoder.eval()
-    return image_grid(pipe(list(prompts), seed=seed), cols=8, scale=4)
+    return image_grid(pipe(list(prompts), seed=seed), cols=8, scale=4, captions=list(prompts))

@@ -69,8 +69,8 @@ def score_prompt_following(
     images: Sequence[Image.Image], scenes: Sequence[Scene]
 ) -> dict[str, float]:
     """Colour, position and joint accuracy of single-object images against their target scenes,
-    with the chance levels of a model that ignores the prompt (uniform over the palette and
-    the grid)."""
+    their 95% Wilson intervals (`_low`, `_high`), and the chance levels of a model that ignores
+    the prompt (uniform over the palette and the grid)."""
     if len(images) != len(scenes) or not images:
         raise ValueError(f"need as many scenes as images (>0): {len(images)} vs {len(scenes)}")
     if any(len(scene.objects) != 1 for scene in scenes):
@@ -78,11 +78,13 @@ def score_prompt_following(
     found = [find_object(image) for image in images]
     colour = [c == s.objects[0].color for (c, _), s in zip(found, scenes, strict=True)]
     position = [p == s.objects[0].position for (_, p), s in zip(found, scenes, strict=True)]
-    return {
-        "n": float(len(images)),
-        "color_accuracy": float(np.mean(colour)),
-        "position_accuracy": float(np.mean(position)),
-        "both_accuracy": float(np.mean(np.logical_and(colour, position))),
+    hits = {"color": colour, "position": position, "both": np.logical_and(colour, position)}
+    scores = {"n": float(len(images))}
+    for name, verdicts in hits.items():
+        low, high = wilson(int(np.sum(verdicts)), len(images))
+        scores |= {f"{name}_accuracy": float(np.mean(verdicts)), f"{name}_low": low}
+        scores[f"{name}_high"] = high
+    return scores | {
         "color_chance": 1 / len(COLORS),
         "position_chance": 1 / len(POSITIONS),
         "both_chance": 1 / (len(COLORS) * len(POSITIONS)),
@@ -121,22 +123,29 @@ def evaluate_prompt_following(
 ) -> tuple[dict[str, float], list[Image.Image]]:
     """Scores of `generate` (prompts -> images, e.g. a seeded pipeline call) on
     `single_object_prompts` in one `style` ("descriptive" or "prompt"), and the images."""
-    texts = [p[style] for p in prompts]
-    images = [
-        image
-        for i in range(0, len(texts), batch_size)
-        for image in generate(texts[i : i + batch_size])
-    ]
+    images = in_batches(generate, [p[style] for p in prompts], batch_size)
     return score_prompt_following(images, [p["scene"] for p in prompts]), images
+
+
+def in_batches(
+    generate: Callable[[list[str]], list[Image.Image]], texts: list[str], batch_size: int = 32
+) -> list[Image.Image]:
+    """`generate` over `texts`, `batch_size` prompts a call."""
+    return [
+        im for i in range(0, len(texts), batch_size) for im in generate(texts[i : i + batch_size])
+    ]
 
 
 def score_text_to_image(
     pipe: Any, cfg: PromptFollowingConfig
 ) -> tuple[dict[str, float], Image.Image]:
-    """Prompt-following scores of a text-to-image pipeline, and the grid of its images.
+    """Prompt-following scores of a text-to-image pipeline, and the grid of its images under
+    their prompts.
 
-    Asked in the descriptive style of its training captions (the paper's upsampled prompts);
-    the same prompts written short are scored too, as `short_*`, to show what upsampling buys.
+    Asked in the descriptive style of its training captions (the paper's upsampled prompts):
+    single-object colour and position, and two-object prompts with both objects drawn
+    (`two_object_*`, GenEval's verdict, `cfg.prompts` of them). The single-object prompts
+    written short are scored too, as `short_*`, to show what upsampling buys.
     """
     from ml.viz import image_grid
 
@@ -150,7 +159,12 @@ def score_text_to_image(
     short, _ = evaluate_prompt_following(generate, prompts, style="prompt")
     for name in ("color_accuracy", "position_accuracy", "both_accuracy"):
         scores[f"short_{name}"] = short[name]
-    return scores, image_grid(images, cols=9, scale=4)
+    pairs = [p for p in eval_prompts(cfg.seed, cfg.prompts) if p["category"] == "two_object"]
+    texts = [descriptive_prompt(p, cfg.seed) for p in pairs]
+    two = score_by_category(in_batches(generate, texts), pairs)
+    scores |= {k: v for k, v in two.items() if k.startswith("two_object_")}
+    captions = [p["descriptive"] for p in prompts]
+    return scores, image_grid(images, cols=9, scale=4, captions=captions)
 
 
 def follows(reading: Reading, asks: dict[str, Any]) -> bool:

@@ -9,7 +9,7 @@ For each model, with fixed seeds:
   descriptive caption (`descriptive`: upsampled by the ground truth, see `ml.eval.oracle`) and
   as the `prompt_upsampler` rewrites them (`upsampled`: the paper's section 3.5); and on the
   single-object "position" prompts, the object's colour and position (`single_*`), which the
-  oracle reads reliably even from blurred 16-px images.
+  oracle reads reliably even from blurred images.
 
     python -m ml.stages.clip_s_eval --config c.yaml --out DIR [--assets assets]
 """

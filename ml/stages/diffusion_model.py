@@ -1,8 +1,9 @@
-"""`diffusion_model`: the T5-conditioned U-Net trained on the blended training set.
+"""`diffusion_model`: the T5-conditioned U-Net trained on the blended training set, in the
+latent space of the `image_autoencoder` asset (latent diffusion, as the paper's model is).
 
 Caption dropout for classifier-free guidance, an EMA of the weights, resumable checkpoints
-(`ml.train`); saved in diffusers layout with the EMA weights and scored on single-object
-prompt following, loaded the way users load it.
+(`ml.train`); saved in diffusers layout with the EMA weights and the autoencoder as `vae/`,
+and scored on prompt following, loaded the way users load it.
 
     python -m ml.stages.diffusion_model --config c.yaml --out DIR [--assets assets]
 """
@@ -40,9 +41,11 @@ def train_model(
     log: Log = NO_LOG,
     work: Path | None = None,
     resume: bool = True,
+    vae_dir: Path | None = None,
 ) -> tuple[Any, Any]:
     """(the trained pipeline with its EMA weights, the loop's `TrainResult`) on `dataset`, a
-    `MixedDataset` or any dataset with `set_epoch` yielding {"image", "caption"}."""
+    `MixedDataset` or any dataset with `set_epoch` yielding {"image", "caption"}; in the latent
+    space of the autoencoder in `vae_dir`, or in pixel space without one."""
     from ml.diffusion.pipeline import build_pipeline
     from ml.diffusion.training import (
         caption_corpus,
@@ -53,7 +56,7 @@ def train_model(
     )
     from ml.train import Streamed, train
 
-    pipe = build_pipeline(cfg, caption_corpus(dataset) if needs_corpus(cfg) else ())
+    pipe = build_pipeline(cfg, caption_corpus(dataset) if needs_corpus(cfg) else (), vae_dir)
     pipe.set_progress_bar_config(disable=True)
     trained = [pipe.unet] + ([pipe.text_encoder] if cfg.train_text_encoder else [])
     pipe.to(device())
@@ -86,7 +89,8 @@ def run(cfg: DiffusionConfig, inputs: Inputs, out: Path, log: Log) -> StageResul
 
     dataset = MixedDataset(MixManifest.load(inputs["mixed_training_set"] / MANIFEST))
     log.info(f"diffusion_model: {cfg.train.steps} steps of {cfg.train.batch_size} images")
-    pipe, result = train_model(cfg, dataset, log, inputs.checkpoints(cfg), inputs.resume)
+    vae_dir = inputs["image_autoencoder"]
+    pipe, result = train_model(cfg, dataset, log, inputs.checkpoints(cfg), inputs.resume, vae_dir)
     pipe.save_pretrained(out)
     saved = TextToImagePipeline.from_pretrained(out).to(device())
     scores, grid = score_text_to_image(saved, cfg.eval)
@@ -98,6 +102,8 @@ def run(cfg: DiffusionConfig, inputs: Inputs, out: Path, log: Log) -> StageResul
             "steps": result.steps,
             "resumed_from_step": result.resumed_from,
             "train_seconds": round(result.seconds, 1),
+            "latent_shape": [pipe.unet.config.in_channels] + [pipe.unet.config.sample_size] * 2,
+            "image_size": pipe.image_size,
             "unet_parameters": sum(p.numel() for p in pipe.unet.parameters()),
             "text_encoder_parameters": sum(p.numel() for p in pipe.text_encoder.parameters()),
         },
@@ -107,7 +113,13 @@ def run(cfg: DiffusionConfig, inputs: Inputs, out: Path, log: Log) -> StageResul
     )
 
 
-STAGE = Stage("diffusion_model", DiffusionConfig, ("mixed_training_set",), run, trains=True)
+STAGE = Stage(
+    "diffusion_model",
+    DiffusionConfig,
+    ("mixed_training_set", "image_autoencoder"),
+    run,
+    trains=True,
+)
 
 if __name__ == "__main__":
     main([STAGE])

@@ -14,7 +14,7 @@ from ml.diffusion.config import DistillConfig
 from ml.stage import CONFIG_FILE, Inputs, Log, Stage, StageResult, main, read_metrics
 from ml.stages.diffusion_model import GRID, MANIFEST, device
 
-COMPARED = ("color_accuracy", "position_accuracy")
+COMPARED = ("color_accuracy", "position_accuracy", "two_object_accuracy")
 
 
 def run(cfg: DistillConfig, inputs: Inputs, out: Path, log: Log) -> StageResult:

@@ -1,5 +1,4 @@
-"""`image_autoencoder`: the VAE whose latents the text-to-image model is to denoise (a stage,
-not yet an asset: the toy one does not reconstruct well enough yet, docs/benchmarks.md).
+"""`image_autoencoder`: the VAE whose latents the text-to-image model denoises.
 
 A pretrained `AutoencoderKL` from a local folder (Stable Diffusion's on a real profile), or
 (toy) one trained on raw_pairs' renders of `split`, which the text-to-image model is never
@@ -61,6 +60,7 @@ def run(cfg: AutoencoderConfig, inputs: Inputs, out: Path, log: Log) -> StageRes
             "source": cfg.source,
             "latent_shape": [vae.config.latent_channels, side, side],
             "scaling_factor": round(vae.config.scaling_factor, 5),
+            "latents_std": [round(v, 3) for v in vae.config.latents_std or ()],
             "parameters": sum(p.numel() for p in vae.parameters()),
         },
         images={"reconstructions": grid},
