@@ -2,7 +2,7 @@
 alone, and a text-to-image model trained on its latents, outside the graph.
 
     python bench/bench_latent.py autoencoder --out DIR [--steps 4000] [--latent-channels 16]
-    python bench/bench_latent.py t2i --vae DIR --out DIR [--steps 3000] [--cross-attention 3]
+    python bench/bench_latent.py t2i --vae DIR --out DIR [--steps 3000] [--fixed-captions]
 
 `autoencoder` trains on ShapeWorld's 4096 train renders (raw_pairs' seed and split) and prints
 the wall time, PSNR on 512 eval renders and the oracle's per-category accuracy on the 224
@@ -42,10 +42,11 @@ TRAIN = list(generate(4096, 0, ShapeWorldConfig(), "train"))
 
 
 class Described(IterableDataset):
-    """The train renders with a fresh ground-truth descriptive caption each epoch."""
+    """The train renders with a ground-truth descriptive caption: a fresh one each epoch, or
+    (`fixed`) the same one every epoch, as a recaptioned dataset holds one per image."""
 
-    def __init__(self) -> None:
-        self.epoch = 0
+    def __init__(self, fixed: bool = False) -> None:
+        self.epoch, self.fixed = 0, fixed
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -53,7 +54,9 @@ class Described(IterableDataset):
     def __iter__(self):
         rng = random.Random(self.epoch)
         for i in rng.sample(range(len(TRAIN)), len(TRAIN)):
-            yield {"image": TRAIN[i].image, "caption": descriptive_caption(scene_of(TRAIN[i]), rng)}
+            phrasing = random.Random(i) if self.fixed else rng
+            caption = descriptive_caption(scene_of(TRAIN[i]), phrasing)
+            yield {"image": TRAIN[i].image, "caption": caption}
 
 
 def autoencoder(args: argparse.Namespace) -> dict:
@@ -90,7 +93,7 @@ def t2i(args: argparse.Namespace) -> dict:
     )  # fmt: skip
     start = time.time()
     log = ConsoleLog(args.out / "log")
-    pipe, result = train_model(cfg, Described(), log, None, False, args.vae)
+    pipe, result = train_model(cfg, Described(args.fixed_captions), log, None, False, args.vae)
     wall = time.time() - start
     pipe.save_pretrained(args.out)
     scores, grid = score_text_to_image(pipe, PromptFollowingConfig(guidance_scale=args.guidance))
@@ -114,6 +117,7 @@ def main() -> None:
     model.add_argument("--steps", type=int, default=3000)
     model.add_argument("--cross-attention", type=int, default=3)
     model.add_argument("--guidance", type=float, default=3.0)
+    model.add_argument("--fixed-captions", action="store_true", help="one caption per image")
     for each in (ae, model):
         each.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()

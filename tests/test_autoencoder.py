@@ -75,16 +75,21 @@ def test_training_lowers_the_loss_and_normalizes_each_latent_channel(
     losses = [p["loss"] for p in result.curve]
     assert [p["step"] for p in result.curve] == [10, 20, 30, 40]
     assert losses[-1] < 0.8 * losses[0]
-    # what a pipeline built on it feeds the U-Net: each channel at mean 0, std 1
+    # what a pipeline built on it feeds the U-Net: posterior samples, each channel at mean 0
+    # and std 1
     vae.save_pretrained(tmp_path / "vae")
     pipe = build_pipeline(UNET, CORPUS, tmp_path / "vae")
+    pixels = images_tensor(images, 32)
     with torch.no_grad():
-        means = pipe.vae.encode(images_tensor(images, 32)).latent_dist.mean
+        seen = torch.cat([
+            pipe.encode_images(pixels, torch.Generator().manual_seed(seed)) for seed in range(8)
+        ])  # fmt: skip
+        means = pipe.vae.encode(pixels).latent_dist.mean
         shift, scale = pipe._latent_normalization()
-        seen = (means - shift) * scale
-        assert torch.allclose(pipe.decode_latents(seen), pipe.vae.decode(means).sample, atol=1e-4)
-    assert seen.mean((0, 2, 3)).abs().max() < 1e-4
-    assert torch.allclose(seen.std((0, 2, 3)), torch.ones(4), atol=1e-4)
+        back = pipe.decode_latents((means - shift) * scale)
+        assert torch.allclose(back, pipe.vae.decode(means).sample, atol=1e-4)
+    assert seen.mean((0, 2, 3)).abs().max() < 0.05
+    assert torch.allclose(seen.std((0, 2, 3)), torch.ones(4), atol=0.05)
     assert psnr(reconstruct(vae, images, 32), images) > psnr(
         reconstruct(build_autoencoder(cfg), images, 32), images
     )

@@ -94,12 +94,17 @@ def train_autoencoder(
 def latent_stats(
     vae: AutoencoderKL, pixels: torch.Tensor, batch_size: int = 256
 ) -> tuple[list[float], list[float]]:
-    """Per latent channel, the mean and standard deviation of the posterior means of `pixels`."""
-    means = torch.cat([
-        vae.encode(pixels[i : i + batch_size].to(vae.device)).latent_dist.mean.cpu()
+    """Per latent channel, the mean and standard deviation of the posterior samples of `pixels`
+    (what the U-Net trains on): the spread of the posterior means plus the posteriors' own
+    variance, which dominates in a barely trained autoencoder."""
+    posteriors = [
+        vae.encode(pixels[i : i + batch_size].to(vae.device)).latent_dist
         for i in range(0, len(pixels), batch_size)
-    ])  # fmt: skip
-    return means.mean((0, 2, 3)).tolist(), means.std((0, 2, 3)).tolist()
+    ]
+    means = torch.cat([p.mean.cpu() for p in posteriors])
+    noise = torch.cat([p.var.cpu() for p in posteriors]).mean((0, 2, 3))
+    spread = means.var((0, 2, 3), unbiased=False)
+    return means.mean((0, 2, 3)).tolist(), (spread + noise).sqrt().tolist()
 
 
 @torch.no_grad()
