@@ -10,11 +10,16 @@ the sampler, each measured on one trained `diffusion_model` (the fidelity issue'
    descriptive captions and tested on the other.
 3. Guidance scale and 4. sampler steps: the model's colour / position / both accuracy on the
    descriptive prompts, with 95% Wilson intervals.
-Prints a Markdown table per part.
+5. Phrasing: the same scores with every descriptive prompt written in each of
+   `descriptive_caption`'s three templates, against the share of each template in a training
+   set's captions (`--captions`, a recaptioned shard's sidecar), since a greedy captioner may
+   write only one of them.
+Prints a Markdown table per part; `--parts` picks some.
 """
 
 import argparse
 import random
+import re
 from pathlib import Path
 
 import torch
@@ -88,20 +93,73 @@ def sweep(pipe: TextToImagePipeline, prompts: list[dict], settings: list[tuple])
         print(f"| {guidance} | {steps} | " + " | ".join(cells) + " |")
 
 
+TEMPLATES = ("objects first", "background first", "count first")
+
+
+def template_of(caption: str) -> int:
+    """Which of `descriptive_caption`'s templates wrote `caption`."""
+    if ":" in caption.split(".")[0]:
+        return 2
+    return 1 if re.match(r"An? \w+ \w+ background with ", caption) else 0
+
+
+def in_template(scene: Scene, template: int, seed: str) -> str:
+    """A descriptive caption of `scene` in one template, the first a seeded search finds."""
+    for attempt in range(1000):
+        caption = describe(scene, random.Random(f"{seed}/{attempt}"))
+        if template_of(caption) == template:
+            return caption
+    raise RuntimeError(f"no caption in template {template} after 1000 draws")
+
+
+def phrasing(pipe: TextToImagePipeline, prompts: list[dict], captions: Path | None) -> None:
+    shares = [""] * len(TEMPLATES)
+    if captions is not None:
+        from ml.data.recaption import read_sidecar
+
+        texts = [row["dsc"] for row in read_sidecar(captions).values() if row.get("dsc")]
+        counts = [sum(template_of(t) == k for t in texts) for k in range(len(TEMPLATES))]
+        shares = [f"{c / len(texts):.3f}" for c in counts]
+    print("\n| template | share of training captions | colour | position | both |")
+    print("|---|---|---|---|---|")
+    for k, name in enumerate(TEMPLATES):
+        asked = [p | {"descriptive": in_template(p["scene"], k, p["prompt"])} for p in prompts]
+        scores, _ = evaluate_prompt_following(
+            lambda texts: pipe(texts, 25, 3.0, seed=1), asked, style="descriptive"
+        )
+        n = int(scores["n"])
+        cells = []
+        for attribute in ("color", "position", "both"):
+            hits = round(scores[f"{attribute}_accuracy"] * n)
+            low, high = wilson(hits, n)
+            cells.append(f"{hits / n:.3f} [{low:.2f}, {high:.2f}]")
+        print(f"| {name} | {shares[k]} | " + " | ".join(cells) + " |")
+
+
+PARTS = ("instrument", "probe", "sweep", "phrasing")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=Path("assets/diffusion_model"))
     parser.add_argument("--prompts", type=int, default=72)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--captions", type=Path, help="a recaptioned shard's caption sidecar")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     pipe = TextToImagePipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
     prompts = single_object_prompts(seed=1, n=args.prompts)
     print(f"{args.model}: {pipe.image_size} px, {len(prompts)} single-object prompts")
-    instrument(prompts, pipe.image_size)
-    probe(pipe)
-    sweep(pipe, prompts, [(1.0, 25), (3.0, 25), (5.0, 25), (8.0, 25), (3.0, 10), (3.0, 50)])
+    if "instrument" in args.parts:
+        instrument(prompts, pipe.image_size)
+    if "probe" in args.parts:
+        probe(pipe)
+    if "sweep" in args.parts:
+        sweep(pipe, prompts, [(1.0, 25), (3.0, 25), (5.0, 25), (8.0, 25), (3.0, 10), (3.0, 50)])
+    if "phrasing" in args.parts:
+        phrasing(pipe, prompts, args.captions)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,10 @@ from dalle3_dag import captioner, data, evaluation, text_to_image
 from dalle3_dag.partitions import SHARDS
 from ml.data.mixed import MixManifest
 from ml.data.mixed_dataset import MixedDataset
-from ml.data.shapeworld import EVAL_CATEGORIES, ShapeWorldConfig, generate
+from ml.data.recaption import read_sidecar
+from ml.data.shapeworld import EVAL_CATEGORIES, ShapeWorldConfig, generate, scene_of
+from ml.data.shards import ReadStats, read_shard
+from ml.eval.captions import evaluate_dsc
 from ml.stage import read_metrics
 from ml.stages.clip_s_eval import SINGLE, STYLES
 
@@ -144,6 +147,17 @@ def test_whole_graph_end_to_end(project, instance, tmp_path):
     rerun = materialize(project, instance, ["recaptioned_dataset"], "00000")
     (event,) = rerun.asset_materializations_for_node("recaptioned_dataset")
     assert event.metadata["reused_sidecars"].value == ["00000"]
+    # ... unless it is to be decoded another way; what was written is scored against the scenes
+    sampled = materialize(project, instance, ["recaptioned_dataset"], "00000",
+                          {"ops": {"recaptioned_dataset": {"config": {"top_p": 0.9}}}})  # fmt: skip
+    (event,) = sampled.asset_materializations_for_node("recaptioned_dataset")
+    assert event.metadata["reused_sidecars"].value == []
+    rows = read_sidecar(project.storage.asset_dir("recaptioned_dataset") / "00000.parquet")
+    samples = [s for s in read_shard(str(project.storage.asset_dir("raw_pairs") / "train" /
+               "00000.tar"), ReadStats()) if s.key in rows]  # fmt: skip
+    scenes = [scene_of(s) for s in samples]
+    want = evaluate_dsc([rows[s.key]["dsc"] for s in samples], scenes)["recall"]
+    assert event.metadata["dsc_attribute_recall"].value == pytest.approx(want, abs=1e-4)
 
     blend_result = materialize(project, instance, ["mixed_training_set"])
     assert blend_result.success

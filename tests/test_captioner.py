@@ -7,7 +7,7 @@ import torch
 from conftest import RecordingLog
 
 from ml.captioner.config import CaptionerConfig
-from ml.captioner.generate import generate_captions
+from ml.captioner.generate import batch_seed, generate_captions
 from ml.captioner.model import Captioner
 from ml.captioner.train import (
     caption_loss,
@@ -17,7 +17,14 @@ from ml.captioner.train import (
     train_captioner,
 )
 from ml.config import TrainConfig
-from ml.data.shapeworld import SHAPES, Scene, ShapeWorldConfig, descriptive_caption, sample_scene
+from ml.data.shapeworld import (
+    SHAPES,
+    Scene,
+    ShapeWorldConfig,
+    descriptive_caption,
+    generate,
+    sample_scene,
+)
 from ml.eval.captions import evaluate_dsc, evaluate_ssc
 from ml.tokenizer import train_tokenizer
 
@@ -125,6 +132,28 @@ def test_batched_greedy_decoding_matches_one_at_a_time(memorised) -> None:
     one_by_one = [generate_captions(model, row[None], max_new_tokens=30)[0] for row in mixed]
     assert batched == one_by_one
     assert len({len(c) for c in batched}) > 3
+
+
+def test_nucleus_sampling_is_seeded_and_leaves_the_global_rng_alone(memorised) -> None:
+    model, feats, _ = memorised
+    # Blends of two memorised features leave the next token uncertain: room to sample.
+    mixed = 0.5 * (feats + feats.roll(1, dims=0))
+    state = torch.random.get_rng_state()
+    first = generate_captions(model, mixed, 30, top_p=1.0, seed=1)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert generate_captions(model, mixed, 30, top_p=1.0, seed=1) == first
+    others = [generate_captions(model, mixed, 30, top_p=1.0, seed=s) for s in range(2, 6)]
+    assert any(other != first for other in others)
+    # A nucleus too small to hold a second token is greedy decoding.
+    assert generate_captions(model, mixed, 30, top_p=1e-6, seed=1) == generate_captions(
+        model, mixed, 30
+    )
+
+
+def test_batch_seed_follows_the_pixels_and_the_seed() -> None:
+    images = [s.image for s in generate(3, seed=0, cfg=ShapeWorldConfig(), split="t")]
+    assert batch_seed(images, 0) == batch_seed([im.copy() for im in images], 0)
+    assert len({batch_seed(images, 0), batch_seed(images, 1), batch_seed(images[:2], 0)}) == 3
 
 
 def test_empty_captions_are_skipped() -> None:

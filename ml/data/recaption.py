@@ -184,12 +184,17 @@ def _result(
 
 @dataclass
 class RecaptionConfig:
-    """How the `recaptioned_dataset` stage decodes: batch size and caption length cap."""
+    """How the `recaptioned_dataset` stage decodes: batch size, caption length cap, and greedy
+    (`top_p` 0) or nucleus sampling with `top_p` from `seed`."""
 
     batch_size: int = 64
     max_new_tokens: int = 80
+    top_p: float = 0.0
+    seed: int = 0
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.top_p <= 1:
+            raise ValueError(f"top_p must be in [0, 1] (0: greedy), got {self.top_p}")

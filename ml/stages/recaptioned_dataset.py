@@ -31,11 +31,19 @@ def run(cfg: RecaptionConfig, inputs: Inputs, out: Path, log: Log) -> StageResul
     missing = [str(s) for s in shards if not s.is_file()]
     if missing:
         raise FileNotFoundError(f"no such raw_pairs shard(s): {missing}")
-    # A sidecar is reused only if every input is the same version as when it was written.
-    version = " ".join(f"{key}={inputs.versions.get(key, 'unversioned')}" for key in INPUTS)
+    # A sidecar is reused only if every input is the same version as when it was written and
+    # it was decoded the same way.
+    version = " ".join(
+        [f"{key}={inputs.versions.get(key, 'unversioned')}" for key in INPUTS]
+        + [f"{name}={value}" for name, value in sorted(to_dict(cfg).items())]
+    )
     captioners = {
         name: ImageCaptioner(
-            inputs["clip_encoder"], inputs[f"captioner_{name}"], cfg.max_new_tokens
+            inputs["clip_encoder"],
+            inputs[f"captioner_{name}"],
+            cfg.max_new_tokens,
+            cfg.top_p,
+            cfg.seed,
         )
         for name in SYNTHETIC
     }
@@ -57,13 +65,14 @@ def run(cfg: RecaptionConfig, inputs: Inputs, out: Path, log: Log) -> StageResul
         )
     rows = read_sidecar(out / f"{shards[0].stem}.parquet")
     firsts = itertools.islice(read_shard(str(shards[0]), ReadStats()), EXAMPLES)
+    quality = caption_quality(shards, out)
     examples = [
         (s.image, f"**alt:** {s.text}<br>**dsc:** {rows[s.key]['dsc']}")
         for s in firsts
         if s.key in rows
     ]
     return StageResult(
-        metrics={"samples": samples},
+        metrics={"samples": samples, **quality},
         speed={"samples_per_s": samples / max(seconds, 1e-9)},
         metadata={
             "shards": names,
@@ -73,6 +82,33 @@ def run(cfg: RecaptionConfig, inputs: Inputs, out: Path, log: Log) -> StageResul
         },
         examples=examples,
     )
+
+
+def caption_quality(shards: list[Path], out: Path) -> dict[str, float]:
+    """The captions written, scored against the scene graphs where the samples carry them
+    (ShapeWorld): what the text-to-image model will train on, as the captioners' own checks
+    score their greedy captions of the eval split."""
+    from ml.data.shapeworld import scene_of
+    from ml.eval.captions import evaluate_dsc, evaluate_ssc
+
+    captions: dict[str, list[str]] = {name: [] for name in SYNTHETIC}
+    scenes = []
+    for shard in shards:
+        rows = read_sidecar(out / f"{shard.stem}.parquet")
+        for sample in read_shard(str(shard), ReadStats()):
+            scene = scene_of(sample)
+            if scene is None:
+                return {}
+            if sample.key in rows:
+                scenes.append(scene)
+                for name in SYNTHETIC:
+                    captions[name].append(rows[sample.key][name])
+    dsc = evaluate_dsc(captions["dsc"], scenes)
+    return {
+        "dsc_attribute_recall": dsc["recall"],
+        "dsc_attribute_precision": dsc["precision"],
+        "ssc_main_object_accuracy": evaluate_ssc(captions["ssc"], scenes)["main_object_accuracy"],
+    }
 
 
 STAGE = Stage("recaptioned_dataset", RecaptionConfig, INPUTS, run)
