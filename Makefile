@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export DO_NOT_TRACK := 1
 
-.PHONY: install run test lint ui bench browser mlflow-server s3-server
+.PHONY: install run ablation test lint ui bench browser mlflow-server s3-server
 
 install: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 
@@ -33,7 +33,13 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 # `dalle3 run` calls `dagster asset materialize` for the whole graph, one run per shard
 # partition where an asset is partitioned.
 run: install
-	$(BIN)/dalle3 run --select '*' --summary
+	$(BIN)/dalle3 run --summary
+
+# The paper's caption ablations (Figures 4 and 5) on what `make run` made: every variant x seed
+# of ablation_model, then the report, copied into docs/results.md.
+ablation: install
+	$(BIN)/dalle3 run --select 'ablation_model,ablation_report'
+	$(BIN)/dalle3 results
 
 test: install browser
 	$(BIN)/pytest

@@ -1,16 +1,20 @@
 """`dalle3`: the project's command line, for what is not a Dagster materialization."""
 
 import argparse
+import functools
 import itertools
 import json
+import operator
 import re
 import subprocess
 import sys
 import time
 from collections import deque
 from pathlib import Path
+from typing import Any
 
 from dalle3_dag.resources import DvcResource, MlflowResource, StorageResource
+from ml.files import write_atomic
 
 DAGSTER_BIN = str(Path(sys.executable).with_name("dagster"))
 DAGSTER = [DAGSTER_BIN, "asset", "materialize", "-m", "dalle3_dag.definitions"]
@@ -78,8 +82,14 @@ def run(args: argparse.Namespace) -> int:
 
     log = RunLog(PROJECT_DIR / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log")
     print(f"full log: {log.path}", flush=True)
+    from dalle3_dag.ablation import PRODUCTION
+
     graph = defs.resolve_asset_graph()
-    selected = dg.AssetSelection.from_coercible(args.select).resolve(graph)
+    selection = PRODUCTION
+    if args.select:  # comma-separated clauses, as `dagster asset materialize --select` takes
+        clauses = [dg.AssetSelection.from_coercible(c) for c in args.select.split(",")]
+        selection = functools.reduce(operator.or_, clauses)
+    selected = selection.resolve(graph)
     if dg.AssetKey("raw_pairs") in selected:
         # Record the source's current version first, so new or changed shards make raw_pairs
         # stale (here and in the UI).
@@ -107,6 +117,11 @@ def run(args: argparse.Namespace) -> int:
                 fresh.append(name)
             elif partitions_def is None:
                 batch.append(name)
+            elif one_run_each(graph.get(key)):
+                for partition in chosen:
+                    cmd = [*DAGSTER, "--select", name, "--partition", partition]
+                    log.command(cmd, f"{name} [{partition}]")
+                rebuild.refresh()
             else:
                 for first, last in spans(chosen, every):
                     span = f"{first}...{last}"
@@ -117,6 +132,13 @@ def run(args: argparse.Namespace) -> int:
     if fresh:
         print(f"up to date, not rerun: {', '.join(fresh)}", flush=True)
     return summary(args) if args.summary else 0
+
+
+def one_run_each(node: Any) -> bool:
+    """Whether the asset's partitions run one per run (their backfill policy), as the
+    ablation's trainings do, rather than a span in one run."""
+    policy = node.backfill_policy
+    return policy is not None and policy.max_partitions_per_run == 1
 
 
 def summary(_: argparse.Namespace) -> int:
@@ -270,6 +292,40 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+ABLATION_START = "<!-- ablation_report: written by `dalle3 results`; edit above or below -->"
+ABLATION_END = "<!-- end of ablation_report -->"
+
+
+def results(args: argparse.Namespace) -> int:
+    """Copy the materialized ablation report (findings, table, figures) into a results page,
+    between its markers (appended the first time), the figures into a folder beside it."""
+    import shutil
+
+    from ml.stages.ablation_report import REPORT
+
+    folder = StorageResource().asset_dir("ablation_report")
+    if not (folder / REPORT).is_file():
+        raise SystemExit(f"no ablation_report materialized at {folder}: run `make ablation`")
+    page: Path = args.page
+    figures = page.parent / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    report = (folder / REPORT).read_text()
+    for image in sorted(folder.glob("*.png")):
+        shutil.copyfile(image, figures / f"ablation-{image.name}")
+        report = report.replace(f"]({image.name})", f"](figures/ablation-{image.name})")
+    version = DvcResource().out_hash("ablation_report") or "not versioned"
+    section = f"{ABLATION_START}\n*ablation_report, DVC {version}*\n\n{report}{ABLATION_END}"
+    text = page.read_text() if page.is_file() else "# Results\n"
+    if ABLATION_START in text:
+        before, _, rest = text.partition(ABLATION_START)
+        text = before + section + rest.partition(ABLATION_END)[2]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    write_atomic(page, text.encode())
+    print(f"wrote the ablation report into {page}, its figures into {figures}")
+    return 0
+
+
 def dvc_yaml(args: argparse.Namespace) -> int:
     """Write dvc.yaml from the asset definitions (or, with --check, fail if it differs)."""
     from dalle3_dag.definitions import STAGES  # builds the assets
@@ -326,10 +382,15 @@ def main(argv: list[str] | None = None) -> int:
         help="local: the prompt_upsampler asset; openai: params.yaml's upsampler_chat",
     )
     gen.set_defaults(func=generate)
+    results_parser = commands.add_parser("results", help=results.__doc__)
+    results_parser.add_argument("--page", type=Path, default=Path("docs/results.md"))
+    results_parser.set_defaults(func=results)
     run_parser = commands.add_parser(
         "run", help="materialize what is missing or stale, shard partitions included"
     )
-    run_parser.add_argument("--select", default="*", help="Dagster asset selection")
+    run_parser.add_argument(
+        "--select", help="Dagster asset selection (default: the pipeline, not the ablations)"
+    )
     run_parser.add_argument("--summary", action="store_true", help="print `dalle3 summary` after")
     run_parser.add_argument(
         "--force", action="store_true", help="rerun every selected asset, stale or not"

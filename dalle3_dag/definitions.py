@@ -4,16 +4,15 @@ import os
 
 import dagster as dg
 
-from dalle3_dag import captioner, data, evaluation, schedules, text_to_image
+from dalle3_dag import ablation, captioner, data, evaluation, schedules, text_to_image
 from dalle3_dag.config import CHECKS, CheckFloors
 from dalle3_dag.launch import LAUNCH, LaunchConfig
 from dalle3_dag.project import S3_URI_ENV, validate_params
 from dalle3_dag.resources import DvcResource, MlflowResource, StorageResource
 from dalle3_dag.versioning import fail_dead_runs
 from ml.stages import (
-    captioner as captioners,
-)
-from ml.stages import (
+    ablation_model,
+    ablation_report,
     clip_encoder,
     clip_s_eval,
     diffusion_model,
@@ -24,9 +23,12 @@ from ml.stages import (
     raw_pairs,
     recaptioned_dataset,
 )
+from ml.stages import (
+    captioner as captioners,
+)
 from ml.upsampler.config import UPSAMPLER_CHAT, ChatConfig
 
-GROUPS = [data, captioner, text_to_image, evaluation]
+GROUPS = [data, captioner, text_to_image, evaluation, ablation]
 STAGES = [
     raw_pairs.STAGE,
     clip_encoder.STAGE,
@@ -40,6 +42,8 @@ STAGES = [
     distilled_model.STAGE,
     prompt_upsampler.STAGE,
     clip_s_eval.STAGE,
+    ablation_model.STAGE,
+    ablation_report.STAGE,
 ]
 # Every section of params.yaml and the config it builds.
 PARAMS = {stage.name: stage.config for stage in STAGES} | {
@@ -58,7 +62,7 @@ if os.path.isdir(os.environ.get("DAGSTER_HOME", "")):
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules(GROUPS),
     asset_checks=dg.load_asset_checks_from_modules(GROUPS),
-    jobs=[data.observe_sources, schedules.rebuild],
+    jobs=[data.observe_sources, schedules.rebuild, ablation.ablation],
     schedules=[schedules.nightly_rebuild],
     sensors=[schedules.new_raw_shards],
     resources={

@@ -121,6 +121,8 @@ def stage_asset(
     dvc_metrics: bool = False,
     plots: Mapping[str, Mapping[str, str]] | None = None,
     automation: dg.AutomationCondition | None = None,
+    on_demand: bool = False,
+    backfill_policy: dg.BackfillPolicy | None = None,
 ) -> dg.AssetsDefinition:
     """The asset of `stage`: its key, input assets (plus `deps`), group, checks and code
     version, and the one materialization body.
@@ -132,9 +134,12 @@ def stage_asset(
     partitions). With `dvc_metrics` the held-out metrics are also written to
     `metrics/<key>.json`, which dvc.yaml lists as the stage's metrics (`dvc metrics show`).
     `plots` (name -> DVC plot properties: x, y, template) are the stage's `curves`, written
-    to `plots/<key>/<name>.csv` and listed as its plots (`dvc plots show`); a trainer also has
-    its loss curve. `automation` is when the asset rebuilds on its own: a trainer's default is
-    the weekly retrain (`dalle3_dag.automation`).
+    to `plots/<key>/<name>.csv` and listed as its plots (`dvc plots show`); a name ending in
+    `.png` is the stage's image of that name instead. A trainer also has its loss curve, but
+    for a partitioned one, whose partitions each have their own (in their MLflow runs).
+    `automation` is when the asset rebuilds on its own: a trainer's default is the weekly
+    retrain (`dalle3_dag.automation`); an `on_demand` asset (an experiment) never does. A
+    partitioned asset's backfill runs as one run unless `backfill_policy` says otherwise.
     """
     key = stage.name
     code = code_files(stage, module)
@@ -150,10 +155,11 @@ def stage_asset(
     }
     if dvc_metrics:  # outside the out folder, which DVC would not let a metric overlap
         DVC_STAGES[key]["metrics"] = [{f"{METRICS_DIR}/{key}.json": {"cache": False}}]
-    plots = {**({"loss": LOSS_PLOT} if stage.trains else {}), **(plots or {})}
+    loss = {"loss": LOSS_PLOT} if stage.trains and not partitions_def else {}
+    plots = {**loss, **(plots or {})}
     if plots:
         DVC_STAGES[key]["plots"] = [
-            {f"{PLOTS_DIR}/{key}/{name}.csv": {"cache": False, **props}}
+            {f"{PLOTS_DIR}/{key}/{plot_file(name)}": {"cache": False, **props}}
             for name, props in plots.items()
         ]
     fields: dict[str, Any] = {}
@@ -248,11 +254,14 @@ def stage_asset(
         group_name=group,
         kinds={*KINDS, *kinds},
         pool=ACCELERATOR_POOL if stage.trains else None,
-        automation_condition=automation or (RETRAIN if stage.trains else None),
+        automation_condition=None
+        if on_demand
+        else automation or (RETRAIN if stage.trains else None),
         code_version=_code_version(code, [key, *params]),
         check_specs=check_specs(key, list(checks)),
         partitions_def=partitions_def,
-        backfill_policy=dg.BackfillPolicy.single_run() if partitions_def else None,
+        backfill_policy=backfill_policy
+        or (dg.BackfillPolicy.single_run() if partitions_def else None),
         description=description,
     )
     def _asset(
@@ -268,11 +277,20 @@ def stage_asset(
     return _asset
 
 
+def plot_file(name: str) -> str:
+    """The file of a declared plot: the image itself, or the curve's rows as CSV."""
+    return name if name.endswith(".png") else f"{name}.csv"
+
+
 def write_plot(
     folder: Path, name: str, props: Mapping[str, str], result: StageResult
 ) -> None:
-    """A declared plot's rows as CSV; a stage that made no curve (a pretrained model) writes
-    the header alone, so the file DVC tracks always exists."""
+    """A declared plot's image, or its rows as CSV; a stage that made no curve (a pretrained
+    model) writes the header alone, so the file DVC tracks always exists."""
+    if name.endswith(".png"):
+        folder.mkdir(parents=True, exist_ok=True)
+        result.images[name.removesuffix(".png")].save(folder / name)
+        return
     if name not in result.curves:
         raise KeyError(f"the stage returned no curve {name!r} for its DVC plot")
     rows = result.curves[name]

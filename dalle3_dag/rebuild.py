@@ -81,14 +81,16 @@ def spans(chosen: Iterable[str], every: list[str]) -> list[tuple[str, str]]:
     return runs
 
 
-def one_run(instance: dg.DagsterInstance, graph: Any) -> list[dg.AssetKey]:
-    """What one scheduled run can rebuild: the missing or stale unpartitioned assets, less
-    those downstream of shard partitions that must rerun first (eager automation reruns the
-    partitions; the next run takes what follows them)."""
-    rebuild, chosen, waiting = Rebuild(instance, graph), [], set()
+def one_run(
+    instance: dg.DagsterInstance, graph: Any, selected: Iterable[dg.AssetKey]
+) -> list[dg.AssetKey]:
+    """What one scheduled run can rebuild of the `selected` assets: the missing or stale
+    unpartitioned ones, less those downstream of shard partitions that must rerun first (eager
+    automation reruns the partitions; the next run takes what follows them)."""
+    rebuild, chosen, waiting, selected = Rebuild(instance, graph), [], set(), set(selected)
     for key in graph.toposorted_asset_keys:
         node = graph.get(key)
-        if not node.is_materializable:
+        if not node.is_materializable or key not in selected:
             continue
         if node.parent_keys & waiting:
             waiting.add(key)

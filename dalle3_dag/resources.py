@@ -22,7 +22,7 @@ from ruamel.yaml import YAML
 
 from dalle3_dag import s3_store
 from dalle3_dag.project import DVC_REPRO_ENV, PROJECT_DIR
-from ml.files import split_s3, write_atomic
+from ml.files import replace_folder, split_s3, write_atomic
 
 REJECTED = ".rejected"
 
@@ -74,11 +74,7 @@ class StorageResource(dg.ConfigurableResource):
             tmp.rename(kept)
             raise Rejected(f"{key}: {problem}; the previous version stays live and the "
                            f"rejected one is kept at {kept}", kept)
-        old = final.parent / f".{key}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_folder(tmp, final)
 
     def s3_client(self):
         import boto3

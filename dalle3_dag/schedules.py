@@ -4,6 +4,7 @@ stopped, switched on in the UI or with `dagster schedule start` / `dagster senso
 import dagster as dg
 
 from dalle3_dag import data
+from dalle3_dag.ablation import PRODUCTION
 from dalle3_dag.automation import NIGHTLY
 from dalle3_dag.project import resolve
 from dalle3_dag.rebuild import one_run
@@ -14,10 +15,11 @@ from ml.stages import raw_pairs as raw
 DATA_VERSION_TAG = "dagster/data_version"
 SOURCE_KEY = dg.AssetKey(data.SOURCE)
 
-# Every asset one run can hold: the shard-partitioned one runs in runs of its own.
+# Every pipeline asset one run can hold: the shard-partitioned one runs in runs of its own,
+# and the ablations are an experiment of their own (the `ablation` job).
 rebuild = dg.define_asset_job(
     "rebuild",
-    selection=dg.AssetSelection.all() - dg.AssetSelection.assets(data.recaptioned_dataset),
+    selection=PRODUCTION - dg.AssetSelection.assets(data.recaptioned_dataset),
     description="The unpartitioned assets; the nightly schedule runs the outdated ones.",
 )
 
@@ -25,7 +27,8 @@ rebuild = dg.define_asset_job(
 @dg.schedule(job=rebuild, cron_schedule=NIGHTLY, name="nightly_rebuild")
 def nightly_rebuild(context: dg.ScheduleEvaluationContext) -> dg.RunRequest | dg.SkipReason:
     """Rebuild what is missing or stale, and what is downstream of it, as `make run` would."""
-    keys = one_run(context.instance, context.repository_def.asset_graph)
+    graph = context.repository_def.asset_graph
+    keys = one_run(context.instance, graph, PRODUCTION.resolve(graph))
     if not keys:
         return dg.SkipReason("every asset is up to date")
     return dg.RunRequest(asset_selection=keys)

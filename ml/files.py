@@ -5,6 +5,8 @@ import csv
 import io
 import json
 import os
+import shutil
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -29,6 +31,18 @@ def write_atomic(path: Path, data: bytes) -> None:
     with open(temp_path(path), "wb") as file:
         file.write(data)
         commit(file, path)
+
+
+def replace_folder(new: Path, final: Path) -> None:
+    """Make the complete folder `new` the folder `final`, in two renames: the old version is
+    moved aside as `.<name>.old-<pid>-<random>` first (a writer killed between the renames
+    leaves it there whole, for `dalle3_dag.resources.remove_orphans` to put back), then
+    deleted."""
+    old = final.parent / f".{final.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    if final.exists():
+        final.rename(old)
+    new.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json(path: Path, value: Any) -> None:

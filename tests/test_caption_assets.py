@@ -16,18 +16,20 @@ from conftest import web_source, write_web_shards
 from diffusers import AutoencoderKL
 from transformers import T5ForConditionalGeneration
 
-from dalle3_dag import captioner, data, evaluation, text_to_image
+from dalle3_dag import ablation, captioner, data, evaluation, text_to_image
 from dalle3_dag.partitions import SHARDS
 from ml.data.mixed import MixManifest
 from ml.data.mixed_dataset import MixedDataset
 from ml.data.recaption import read_sidecar
 from ml.data.shapeworld import EVAL_CATEGORIES, ShapeWorldConfig, generate, scene_of
 from ml.data.shards import ReadStats, read_shard
+from ml.diffusion.pipeline import TextToImagePipeline
+from ml.eval.ablation import summary
 from ml.eval.captions import evaluate_dsc
 from ml.stage import read_metrics
 from ml.stages.clip_s_eval import SINGLE, STYLES
 
-MODULES = [data, captioner, text_to_image, evaluation]
+MODULES = [data, captioner, text_to_image, evaluation, ablation]
 ASSETS = dg.load_assets_from_modules(MODULES)
 CHECKS = dg.load_asset_checks_from_modules(MODULES)
 UNPARTITIONED = ["raw_pairs", "clip_encoder", "captioner_base", "captioner_ssc", "captioner_dsc"]
@@ -329,6 +331,52 @@ def test_whole_graph_end_to_end(project, instance, tmp_path):
     again = materialize(project, instance, ["clip_s_eval"])
     checks = {c.check_name: c for c in again.get_asset_check_evaluations()}
     assert not checks["clip_s_eval_clip_s"].passed
+
+    # the caption ablations: two variants train the same model on their blends, each kept and
+    # scored at 2 of its 4 steps; the report pools what they measured
+    parts = ("alt-seed0", "dsc95-seed0")
+    for key in parts:
+        assert materialize(project, instance, ["ablation_model"], key).success
+    folder = project.storage.asset_dir("ablation_model")
+    alt, dsc = (json.loads((folder / key / "run.json").read_text()) for key in parts)
+    assert alt["model"] == dsc["model"] and alt["model"]["train"]["steps"] == 4
+    changed = {k: v for k, v in alt["blend"].items() if v != dsc["blend"][k]}
+    assert changed == {"caption_type": "alt", "synthetic_ratio": 0.0}
+    assert sorted(p.name for p in (folder / "dsc95-seed0").iterdir()) == [
+        "manifest.json", "run.json", "scores.json", "step-000002", "step-000004"
+    ]  # fmt: skip
+    kept = TextToImagePipeline.from_pretrained(folder / "dsc95-seed0" / "step-000002")
+    assert kept.image_size == 32
+    manifest = MixManifest.load(folder / "dsc95-seed0" / "manifest.json")
+    assert manifest.synthetic_ratio == 0.95 and all(Path(s).is_file() for s in manifest.shards)
+    reported = materialize(project, instance, ["ablation_report"])
+    (event,) = reported.asset_materializations_for_node("ablation_report")
+    report = project.storage.asset_dir("ablation_report")
+    metrics = read_metrics(report)
+    for key, variant in zip(parts, ("alt", "dsc95"), strict=True):
+        scored = json.loads((folder / key / "scores.json").read_text())
+        assert set(scored) == {"2", "4"}
+        figures = summary(scored["4"])
+        assert {"clip_s_alt", "clip_s_descriptive", "overall_accuracy"} <= set(figures)
+        for name, value in figures.items():
+            assert metrics[f"{variant}/{name}"] == pytest.approx(value)
+    assert {"figure4", "figure5", "oracle", "ablation"} <= set(event.metadata)
+    text = (report / "report.md").read_text()
+    assert "| alt | 2 | 1 |" in text and "| dsc95 | 4 | 1 |" in text
+    assert "(ii) higher synthetic blends score higher, 65% clearly behind: not run" in text
+    for name in ("figure4.png", "figure5.png", "oracle.png"):
+        assert (project.root / "plots" / "ablation_report" / name).is_file()
+    assert "plots/ablation_report/figure4.png" in dvc_show(project, "plots")
+    page = tmp_path / "results.md"
+    page.write_text("# Results\n\nText of our own.\n")
+    for _ in range(2):  # the second time replaces the section it wrote
+        proc = dalle3(project, "results", "--page", str(page))
+        assert proc.returncode == 0, proc.stderr
+    written = page.read_text()
+    assert written.startswith("# Results\n\nText of our own.\n")
+    assert written.count("| alt | 2 |") == 1
+    assert "](figures/ablation-figure4.png)" in written
+    assert (tmp_path / "figures" / "ablation-figure4.png").is_file()
 
 
 def test_whole_graph_runs_from_a_webdataset_folder(project, instance, tmp_path):

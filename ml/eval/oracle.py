@@ -200,12 +200,19 @@ def score_by_category(
     and the image count, as `<category>_accuracy`, `_low`, `_high`, `_n`; and GenEval's overall
     score, the mean of the categories' accuracies. The interval is over images; GenEval's 4
     images per prompt are not independent, so it is, if anything, too narrow."""
+    return category_scores(verdicts_by_category(images, prompts))
+
+
+def verdicts_by_category(
+    images: Sequence[Image.Image], prompts: Sequence[dict[str, Any]]
+) -> dict[str, list[bool]]:
+    """Whether each image follows its prompt, by the prompts' category."""
     if len(images) != len(prompts) or not images:
         raise ValueError(f"need one prompt per image (>0): {len(images)} vs {len(prompts)}")
     hits: dict[str, list[bool]] = defaultdict(list)
     for image, prompt in zip(images, prompts, strict=True):
         hits[prompt["category"]].append(follows(read_scene(image), prompt["asks"]))
-    return category_scores(hits)
+    return dict(hits)
 
 
 def category_scores(verdicts: Mapping[str, Sequence[bool]]) -> dict[str, float]:

@@ -62,9 +62,22 @@ def single_object_scores(
     return out
 
 
+def clip_s_captions(raw: Path, n: int) -> dict[str, list[str]]:
+    """The paper's two CLIP-S settings: the first `n` eval-split samples' alt-text and their
+    descriptive captions. An empty alt-text describes nothing, so it is left out."""
+    from ml.data.raw_pairs import load_split
+
+    samples = load_split(raw, "eval")[:n]
+    return {
+        "alt": [s.text for s in samples if s.text.strip()],
+        "descriptive": [
+            s.meta["descriptive_caption"] for s in samples if "descriptive_caption" in s.meta
+        ],
+    }
+
+
 def run(cfg: ClipSEvalConfig, inputs: Inputs, out: Path, log: Log) -> StageResult:
     from ml.clip import load_clip
-    from ml.data.raw_pairs import load_split
     from ml.data.shapeworld import EVAL_CATEGORIES
     from ml.diffusion.pipeline import TextToImagePipeline
     from ml.eval.clip_score import VARIANTS, clip_score
@@ -75,14 +88,7 @@ def run(cfg: ClipSEvalConfig, inputs: Inputs, out: Path, log: Log) -> StageResul
 
     raw, clip_dir = inputs["raw_pairs"], inputs["clip_encoder"]
     models = {name: inputs[key] for name, key in MODELS.items()}  # missing ones named first
-    samples = load_split(raw, "eval")[: cfg.captions]
-    # the paper's two settings; an empty alt-text describes nothing, so it is left out
-    settings = {
-        "alt": [s.text for s in samples if s.text.strip()],
-        "descriptive": [
-            s.meta["descriptive_caption"] for s in samples if "descriptive_caption" in s.meta
-        ],
-    }
+    settings = clip_s_captions(raw, cfg.captions)
     prompts_file = raw / "prompts.json"
     prompts = json.loads(prompts_file.read_text()) if prompts_file.is_file() else []
     clip = load_clip(clip_dir)

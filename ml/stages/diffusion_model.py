@@ -8,10 +8,13 @@ and scored on prompt following, loaded the way users load it.
     python -m ml.stages.diffusion_model --config c.yaml --out DIR [--assets assets]
 """
 
+import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from ml.diffusion.config import DiffusionConfig
+from ml.files import replace_folder
 from ml.stage import NO_LOG, Inputs, Log, Stage, StageResult, main
 
 MANIFEST = "manifest.json"
@@ -42,10 +45,12 @@ def train_model(
     work: Path | None = None,
     resume: bool = True,
     vae_dir: Path | None = None,
+    keep: Mapping[int, Path] | None = None,
 ) -> tuple[Any, Any]:
     """(the trained pipeline with its EMA weights, the loop's `TrainResult`) on `dataset`, a
     `MixedDataset` or any dataset with `set_epoch` yielding {"image", "caption"}; in the latent
-    space of the autoencoder in `vae_dir`, or in pixel space without one."""
+    space of the autoencoder in `vae_dir`, or in pixel space without one. `keep` maps steps to
+    folders where the pipeline with that step's EMA weights is saved (checkpoints to score)."""
     from ml.diffusion.pipeline import build_pipeline
     from ml.diffusion.training import (
         caption_corpus,
@@ -54,7 +59,7 @@ def train_model(
         needs_corpus,
         sample_grid,
     )
-    from ml.train import Streamed, train
+    from ml.train import Streamed, rank_and_world, train
 
     pipe = build_pipeline(cfg, caption_corpus(dataset) if needs_corpus(cfg) else (), vae_dir)
     pipe.set_progress_bar_config(disable=True)
@@ -70,6 +75,12 @@ def train_model(
         if cfg.sample_every and step % cfg.sample_every == 0:
             with ema_weights():
                 log.image("samples", sample_grid(pipe, SAMPLE_PROMPTS, cfg.train.seed), step)
+        if keep and step in keep and rank_and_world()[0] == 0:  # one writer per folder
+            staged = keep[step].with_name(keep[step].name + ".tmp")
+            shutil.rmtree(staged, ignore_errors=True)
+            with ema_weights():
+                pipe.save_pretrained(staged)
+            replace_folder(staged, keep[step])
 
     batches = Streamed(
         dataset,
