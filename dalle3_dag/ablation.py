@@ -27,6 +27,7 @@ ablation_model = stage_asset(
     partitions_def=VARIANT_SEEDS,
     backfill_policy=dg.BackfillPolicy.multi_run(1),
     on_demand=True,  # hours of training: launched by `make ablation` or the `ablation` job
+    input_partitions={"recaptioned_dataset": dg.AllPartitionMapping()},  # every shard's captions
     description=(
         "The caption ablations' text-to-image models: per variant (alt-text only, 95% short "
         "synthetic, 65-95% descriptive synthetic) and seed, the same model trained on that "

@@ -123,6 +123,7 @@ def stage_asset(
     automation: dg.AutomationCondition | None = None,
     on_demand: bool = False,
     backfill_policy: dg.BackfillPolicy | None = None,
+    input_partitions: Mapping[str, dg.PartitionMapping] | None = None,
 ) -> dg.AssetsDefinition:
     """The asset of `stage`: its key, input assets (plus `deps`), group, checks and code
     version, and the one materialization body.
@@ -140,6 +141,8 @@ def stage_asset(
     `automation` is when the asset rebuilds on its own: a trainer's default is the weekly
     retrain (`dalle3_dag.automation`); an `on_demand` asset (an experiment) never does. A
     partitioned asset's backfill runs as one run unless `backfill_policy` says otherwise.
+    `input_partitions` maps an input to the partitions of it each partition reads, where the
+    two are partitioned differently.
     """
     key = stage.name
     code = code_files(stage, module)
@@ -250,7 +253,12 @@ def stage_asset(
 
     @dg.asset(
         key=key,
-        deps=[*stage.inputs, *deps],
+        deps=[
+            dg.AssetDep(name, partition_mapping=(input_partitions or {})[name])
+            if name in (input_partitions or {})
+            else name
+            for name in (*stage.inputs, *deps)
+        ],
         group_name=group,
         kinds={*KINDS, *kinds},
         pool=ACCELERATOR_POOL if stage.trains else None,
