@@ -33,7 +33,6 @@ from ml.eval.oracle import (
     score_by_category,
     score_prompt_following,
     single_object_prompts,
-    wilson,
 )
 
 
@@ -84,13 +83,16 @@ def sweep(pipe: TextToImagePipeline, prompts: list[dict], settings: list[tuple])
             return pipe(texts, s, g, seed=1)
 
         scores, _ = evaluate_prompt_following(generate, prompts, style="descriptive")
-        n = int(scores["n"])
-        cells = []
-        for name in ("color", "position", "both"):
-            k = round(scores[f"{name}_accuracy"] * n)
-            low, high = wilson(k, n)
-            cells.append(f"{k / n:.3f} [{low:.2f}, {high:.2f}]")
-        print(f"| {guidance} | {steps} | " + " | ".join(cells) + " |")
+        print(f"| {guidance} | {steps} | {interval_cells(scores)} |")
+
+
+def interval_cells(scores: dict[str, float]) -> str:
+    """Colour, position and both, each with its 95% Wilson interval, as table cells."""
+    return " | ".join(
+        f"{scores[f'{name}_accuracy']:.3f} [{scores[f'{name}_low']:.2f}, "
+        f"{scores[f'{name}_high']:.2f}]"
+        for name in ("color", "position", "both")
+    )
 
 
 TEMPLATES = ("objects first", "background first", "count first")
@@ -127,13 +129,7 @@ def phrasing(pipe: TextToImagePipeline, prompts: list[dict], captions: Path | No
         scores, _ = evaluate_prompt_following(
             lambda texts: pipe(texts, 25, 3.0, seed=1), asked, style="descriptive"
         )
-        n = int(scores["n"])
-        cells = []
-        for attribute in ("color", "position", "both"):
-            hits = round(scores[f"{attribute}_accuracy"] * n)
-            low, high = wilson(hits, n)
-            cells.append(f"{hits / n:.3f} [{low:.2f}, {high:.2f}]")
-        print(f"| {name} | {shares[k]} | " + " | ".join(cells) + " |")
+        print(f"| {name} | {shares[k]} | {interval_cells(scores)} |")
 
 
 PARTS = ("instrument", "probe", "sweep", "phrasing")
