@@ -162,7 +162,7 @@ def summary(_: argparse.Namespace) -> int:
     print(
         "UIs: `make ui`, then Dagster at http://127.0.0.1:3000 and MLflow at http://127.0.0.1:5000"
     )
-    print("Versions: `dvc status` (should be clean), `dvc push` to send assets to the remote")
+    print("Versions: `dvc status` (clean but for the ablations until `make ablation`), `dvc push`")
     return 0
 
 
