@@ -165,7 +165,11 @@ def markdown(rows: list[dict[str, Any]], found: list[dict[str, Any]], figures: l
     """The report: the findings, the table and the figures (file names beside the report)."""
     verdict = {True: "**reproduced**", False: "**not reproduced**", None: "not run"}
     lines = ["### Findings", ""]
-    lines += [f"- {f['claim']}: {verdict[f['reproduced']]} ({f['measured']})" for f in found]
+    lines += [
+        f"- {f['claim']}: {verdict[f['reproduced']]}"
+        + (f" ({f['measured']})" if f["reproduced"] is not None else "")
+        for f in found
+    ]
     lines += ["", "### Every variant and step (seeds pooled, 95% intervals)", "",
               "| variant | step | seeds | CLIP-S vs alt-text | CLIP-S vs DSC | oracle overall | "
               "overall by seed |", "|---|---|---|---|---|---|---|"]  # fmt: skip
