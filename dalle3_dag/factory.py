@@ -295,14 +295,13 @@ def write_plot(
 ) -> None:
     """A declared plot's image, or its rows as CSV; a stage that made no curve (a pretrained
     model) writes the header alone, so the file DVC tracks always exists."""
+    folder.mkdir(parents=True, exist_ok=True)
     if name.endswith(".png"):
-        folder.mkdir(parents=True, exist_ok=True)
         result.images[name.removesuffix(".png")].save(folder / name)
         return
     if name not in result.curves:
         raise KeyError(f"the stage returned no curve {name!r} for its DVC plot")
     rows = result.curves[name]
-    folder.mkdir(parents=True, exist_ok=True)
     write_csv(folder / f"{name}.csv", rows, list(rows[0]) if rows else [props["x"], props["y"]])
 
 

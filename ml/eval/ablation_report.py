@@ -31,6 +31,15 @@ def mean_interval(values: list[float]) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
+def overall_interval(verdicts: dict[str, list[bool]]) -> tuple[float, float]:
+    """A normal 95% interval of GenEval's overall score (the mean of the categories' shares),
+    from the categories' binomial variances."""
+    shares = {c: sum(h) / len(h) for c, h in verdicts.items()}
+    se = math.sqrt(sum(p * (1 - p) / len(verdicts[c]) for c, p in shares.items())) / len(shares)
+    overall = sum(shares.values()) / len(shares)
+    return max(0.0, overall - 1.96 * se), min(1.0, overall + 1.96 * se)
+
+
 def pooled_rows(partitions: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (variant, step), seeds pooled; `partitions` maps a partition key to its
     `run` (run.json) and `scores` (scores.json)."""
@@ -43,13 +52,14 @@ def pooled_rows(partitions: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for (variant, step), runs in sorted(groups.items(), key=lambda g: _order(g[0])):
         row: dict[str, Any] = {"variant": variant, "step": step, "seeds": len(runs)}
+        per_seed = [summary(r) for r in runs]
         for setting in CLIP_S_SETTINGS:
             pairs = [v for r in runs for v in r["clip_s"].get(setting, [])]
             if pairs:
                 mean, low, high = mean_interval(pairs)
                 row |= {f"clip_s_{setting}": mean, f"clip_s_{setting}_low": low,
                         f"clip_s_{setting}_high": high}  # fmt: skip
-                row[f"clip_s_{setting}_by_seed"] = [summary(r)[f"clip_s_{setting}"] for r in runs]
+                row[f"clip_s_{setting}_by_seed"] = [f[f"clip_s_{setting}"] for f in per_seed]
         verdicts: dict[str, list[bool]] = defaultdict(list)
         for r in runs:
             for category, hits in r["verdicts"].items():
@@ -57,12 +67,8 @@ def pooled_rows(partitions: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         if verdicts:
             scores = category_scores(verdicts)
             row |= {k: v for k, v in scores.items() if not k.endswith("_n")}
-            se = math.sqrt(sum(p * (1 - p) / len(h) for h in verdicts.values()
-                               for p in [sum(h) / len(h)])) / len(verdicts)  # fmt: skip
-            overall = scores["overall_accuracy"]
-            row |= {"overall_low": max(0.0, overall - 1.96 * se),
-                    "overall_high": min(1.0, overall + 1.96 * se)}  # fmt: skip
-            row["overall_by_seed"] = [summary(r)["overall_accuracy"] for r in runs]
+            row["overall_low"], row["overall_high"] = overall_interval(verdicts)
+            row["overall_by_seed"] = [f["overall_accuracy"] for f in per_seed]
         rows.append(row)
     return rows
 

@@ -19,6 +19,7 @@ from ml.config import to_dict
 from ml.eval.ablation import (
     AblationConfig,
     EvalSet,
+    VariantRun,
     eval_set,
     eval_steps,
     partition_keys,
@@ -64,7 +65,7 @@ def run(cfg: AblationConfig, inputs: Inputs, out: Path, log: Log) -> StageResult
 def train_partition(
     cfg: AblationConfig,
     key: str,
-    variant: Any,
+    variant: VariantRun,
     inputs: Inputs,
     out: Path,
     log: Log,
