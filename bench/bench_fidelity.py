@@ -1,16 +1,15 @@
-"""What limits a text-to-image model's colour: the instrument, the text encoder, guidance or
+"""What limits a text-to-image model's colour: the text encoder, guidance or
 the sampler, each measured on one trained `diffusion_model` (the fidelity issue's step 1).
 
     python bench/bench_fidelity.py --model assets/diffusion_model [--prompts 72]
 
-1. The instrument: the single-object scorer (`oracle.find_object`) and the scene reader on
-   the prompts' ground-truth renders at the model's size, clean and blurred.
-2. The text encoder: a nearest-centroid probe of its pooled states (the U-Net's global
+(The instrument itself is measured by `bench/bench_oracle.py`.)
+1. The text encoder: a nearest-centroid probe of its pooled states (the U-Net's global
    condition) for colour, shape and position, fitted on one half of the single-object
    descriptive captions and tested on the other.
-3. Guidance scale and 4. sampler steps: the model's colour / position / both accuracy on the
+2. Guidance scale and 3. sampler steps: the model's colour / position / both accuracy on the
    descriptive prompts, with 95% Wilson intervals.
-5. Phrasing: the same scores with every descriptive prompt written in each of
+4. Phrasing: the same scores with every descriptive prompt written in each of
    `descriptive_caption`'s three templates, against the share of each template in a training
    set's captions (`--captions`, a recaptioned shard's sidecar), since a greedy captioner may
    write only one of them.
@@ -23,29 +22,11 @@ import re
 from pathlib import Path
 
 import torch
-from PIL import ImageFilter
 
-from ml.data.shapeworld import COLORS, POSITIONS, SHAPES, Scene, SceneObject, render
+from ml.data.shapeworld import COLORS, POSITIONS, SHAPES, Scene, SceneObject
 from ml.data.shapeworld import descriptive_caption as describe
 from ml.diffusion.pipeline import TextToImagePipeline, encode_prompts
-from ml.eval.oracle import (
-    evaluate_prompt_following,
-    score_by_category,
-    score_prompt_following,
-    single_object_prompts,
-)
-
-
-def instrument(prompts: list[dict], size: int) -> None:
-    print(f"\n| renders at {size} px | blur (px) | colour | position | both | reader (GenEval) |")
-    print("|---|---|---|---|---|---|")
-    renders = [render(p["scene"], 32).resize((size, size)) for p in prompts]
-    for blur in (0.0, 0.5, 1.0):
-        images = [im.filter(ImageFilter.GaussianBlur(blur)) for im in renders] if blur else renders
-        scores = score_prompt_following(images, [p["scene"] for p in prompts])
-        reader = score_by_category(images, prompts)["position_accuracy"]
-        print(f"| ground truth | {blur} | {scores['color_accuracy']:.3f} | "
-              f"{scores['position_accuracy']:.3f} | {scores['both_accuracy']:.3f} | {reader:.3f} |")
+from ml.eval.oracle import evaluate_prompt_following, single_object_prompts
 
 
 @torch.no_grad()
@@ -132,7 +113,7 @@ def phrasing(pipe: TextToImagePipeline, prompts: list[dict], captions: Path | No
         print(f"| {name} | {shares[k]} | {interval_cells(scores)} |")
 
 
-PARTS = ("instrument", "probe", "sweep", "phrasing")
+PARTS = ("probe", "sweep", "phrasing")
 
 
 def main() -> None:
@@ -148,8 +129,6 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     prompts = single_object_prompts(seed=1, n=args.prompts)
     print(f"{args.model}: {pipe.image_size} px, {len(prompts)} single-object prompts")
-    if "instrument" in args.parts:
-        instrument(prompts, pipe.image_size)
     if "probe" in args.parts:
         probe(pipe)
     if "sweep" in args.parts:

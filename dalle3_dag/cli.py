@@ -79,9 +79,12 @@ def run(args: argparse.Namespace) -> int:
     from dalle3_dag.definitions import defs
     from dalle3_dag.project import PROJECT_DIR
     from dalle3_dag.rebuild import Rebuild, spans
+    from ml.speed_probe import describe, probe
 
+    started = time.monotonic()
     log = RunLog(PROJECT_DIR / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log")
     print(f"full log: {log.path}", flush=True)
+    print(describe(probe()), flush=True)  # beside the wall time below
     from dalle3_dag.ablation import PRODUCTION
 
     graph = defs.resolve_asset_graph()
@@ -131,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
         flush()
     if fresh:
         print(f"up to date, not rerun: {', '.join(fresh)}", flush=True)
+    print(f"dalle3 run: {(time.monotonic() - started) / 60:.1f} min wall", flush=True)
     return summary(args) if args.summary else 0
 
 
@@ -289,7 +293,27 @@ def generate(args: argparse.Namespace) -> int:
     version = DvcResource().out_hash(key) or "not versioned"
     print(f"model: {key} at {folder} (dvc {version}), {steps} steps, guidance {args.guidance}")
     print(f"wrote {args.n} image(s) for {prompt!r} (seed {args.seed}) to {args.out}")
+    print_verdicts(args.prompt, images)
     return 0
+
+
+def print_verdicts(prompt: str, images: list[Any]) -> None:
+    """The instrument's verdict on each image, when the prompt is one the world can judge."""
+    from ml.eval.oracle import follows, prompt_asks
+    from ml.eval.scene_reader import read_scene
+
+    asks = prompt_asks(prompt)
+    if asks is None:
+        print(f"not judged: {prompt!r} names no shape ShapeWorld draws")
+        return
+    readings = [read_scene(image) for image in images]
+    verdicts = [follows(reading, asks) for reading in readings]
+    print(f"{sum(verdicts)} of {len(images)} image(s) follow {prompt!r} (ml.eval.scene_reader):")
+    for k, (reading, verdict) in enumerate(zip(readings, verdicts, strict=True), 1):
+        seen = ", ".join(f"{o.size} {o.color} {o.shape} {o.position}" for o in reading.objects)
+        word = f', the word "{reading.word}"' if reading.word else ""
+        print(f"  {k}: {'follows' if verdict else 'does not'}: {reading.background} "
+              f"background, {seen or 'no object'}{word}")  # fmt: skip
 
 
 ABLATION_START = "<!-- ablation_report: written by `dalle3 results`; edit above or below -->"

@@ -3,6 +3,7 @@ the text-to-image models that learn from their captions."""
 
 import itertools
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -274,6 +275,9 @@ def test_whole_graph_end_to_end(project, instance, tmp_path):
     proc = dalle3(project, "generate", "a red circle", "-n", "3", "--seed", "5", "--out", str(grid))
     assert proc.returncode == 0, proc.stderr
     assert "distilled_model" in proc.stdout and "2 steps" in proc.stdout
+    # the instrument's verdict, image by image, on a prompt the world can judge
+    assert re.search(r"^[0-3] of 3 image\(s\) follow 'a red circle'", proc.stdout, re.M)
+    assert len(re.findall(r"^  [1-3]: (follows|does not): ", proc.stdout, re.M)) == 3
     first = grid.read_bytes()
     assert (
         dalle3(

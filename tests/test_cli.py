@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from dalle3_dag.cli import RunLog
+from dalle3_dag.cli import RunLog, print_verdicts
+from ml.data.shapeworld import Scene, SceneObject, render
 
 PREFIX = "2026-12-02 02:43:22 +0000 - dagster - {} - __ASSET_JOB - 1f2e - clip_encoder - "
 LINES = [
@@ -44,3 +45,16 @@ def test_a_failed_command_says_why_and_keeps_everything_in_the_log(tmp_path: Pat
     assert "STEP_START" not in capsys.readouterr().out
     text = (tmp_path / "run.log").read_text()
     assert "loading failed" in text and "STEP_START" in text
+
+
+def test_generate_prints_the_instruments_verdict_on_each_image(capsys) -> None:
+    right = Scene("gray", "plain", (SceneObject("circle", "red", "large", "top left"),))
+    wrong = Scene("gray", "plain", (SceneObject("circle", "blue", "large", "top left"),))
+    print_verdicts("a red circle in the top left", [render(right, 32), render(wrong, 32)])
+    assert capsys.readouterr().out.splitlines() == [
+        "1 of 2 image(s) follow 'a red circle in the top left' (ml.eval.scene_reader):",
+        "  1: follows: gray background, large red circle top left",
+        "  2: does not: gray background, large blue circle top left",
+    ]
+    print_verdicts("a photo of a dog", [render(right, 32)])
+    assert capsys.readouterr().out.startswith("not judged: 'a photo of a dog' names no shape")

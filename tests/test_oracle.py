@@ -1,12 +1,14 @@
-"""The analytic prompt-following oracle and the scene reader behind its GenEval-style
-categories: exact on ground-truth ShapeWorld renders, at chance when the targets are
-shuffled."""
+"""The prompt-following instrument, the scene reader behind every score: exact on ground-truth
+ShapeWorld renders, right on renders drawn as a person would still read them, at chance when
+the targets are shuffled, and fooled by neither blank nor noise images."""
 
 import itertools
 import random
 from dataclasses import replace
 
+import numpy as np
 import pytest
+from PIL import Image, ImageFilter
 
 from ml.data.shapeworld import (
     BACKGROUNDS,
@@ -16,6 +18,7 @@ from ml.data.shapeworld import (
     SHAPES,
     SIZES,
     TEXTURES,
+    Placement,
     Scene,
     SceneObject,
     ShapeWorldConfig,
@@ -28,13 +31,15 @@ from ml.data.shapeworld import (
 )
 from ml.eval.oracle import (
     evaluate_prompt_following,
-    find_object,
     follows,
+    prompt_asks,
     score_by_category,
     score_prompt_following,
     single_object_prompts,
+    single_object_verdicts,
     wilson,
 )
+from ml.eval.perturb import perturbed_render
 from ml.eval.scene_reader import Reading, read_scene
 
 
@@ -69,9 +74,14 @@ def test_at_chance_on_shuffled_targets(renders: tuple[list[Scene], list]) -> Non
     assert abs(scores["position_accuracy"] - scores["position_chance"]) < 0.04
 
 
-def test_find_object_on_a_textured_background() -> None:
+def test_single_object_verdicts_on_a_textured_background() -> None:
     scene = Scene("navy", "stripes", (SceneObject("star", "yellow", "small", "bottom left"),))
-    assert find_object(render(scene, 32)) == ("yellow", "bottom left")
+    reading = read_scene(render(scene, 32))
+    assert single_object_verdicts(reading, scene) == (True, True, True)
+    elsewhere = replace(scene.objects[0], color="red", position="top")
+    assert single_object_verdicts(reading, replace(scene, objects=(elsewhere,))) == (
+        False, False, False
+    )  # fmt: skip
 
 
 def test_rejects_multi_object_scenes_and_length_mismatch() -> None:
@@ -166,3 +176,67 @@ def test_wilson_interval_matches_the_formula() -> None:
     assert wilson(0, 32)[0] == 0.0 and wilson(32, 32)[1] == 1.0
     with pytest.raises(ValueError):
         wilson(0, 0)
+
+
+# --- the instrument on drawings that are not the template -------------------------------------
+
+TARGETED = ("single_object", "two_object", "colors", "position", "color_attr")
+
+
+def test_an_object_drawn_off_its_template_is_read_in_its_cell_alone() -> None:
+    """Moved 3 px towards a corner, 15% larger and blurred, a large circle still reads as one
+    large circle in its own cell, though it reaches into three neighbours."""
+    scene = Scene("white", "plain", (SceneObject("circle", "blue", "large", "left"),))
+    for dx, dy in itertools.product((-3, 3), (-3, 3)):
+        image = render(scene, 32, (Placement(dx, dy, 1.15),)).filter(ImageFilter.GaussianBlur(1))
+        assert read_scene(image).objects == scene.objects, (dx, dy)
+
+
+def test_perturbed_renders_are_read_right_in_every_targeted_category() -> None:
+    """The issue's bar (>= 0.95) on 48 prompts a category, moved, scaled, blurred, reshaded and
+    noised at once; counting and text (small objects, words) are measured, not held to it."""
+    prompts = [p for p in eval_prompts(seed=3, per_category=48) if p["category"] in TARGETED]
+    rng = random.Random(0)
+    images = [perturbed_render(Scene.from_dict(p["scene"]), 32, rng) for p in prompts]
+    scores = score_by_category(images, prompts)
+    for category in TARGETED:
+        assert scores[f"{category}_accuracy"] >= 0.95, category
+
+
+def test_nothing_drawn_follows_no_prompt() -> None:
+    """Blank backgrounds of every colour and texture, and noise, read as no object at all."""
+    rng = np.random.default_rng(0)
+    blank = [render(Scene(bg, texture, ()), 32) for bg in BACKGROUNDS for texture in TEXTURES]
+    noise = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(8)]
+    noise += [
+        Image.fromarray(np.clip(rng.normal(BACKGROUNDS[bg], 30, (32, 32, 3)), 0, 255).astype(
+            np.uint8)) for bg in BACKGROUNDS
+    ]  # fmt: skip
+    for image in blank + noise:
+        assert read_scene(image).objects == ()
+
+
+def test_perturbed_renders_of_other_prompts_rarely_follow() -> None:
+    """The false-positive rate on mismatched prompts stays under 0.05 when the images are not
+    templates: each prompt scored on a perturbed render of the next prompt of its category."""
+    prompts = eval_prompts(seed=1, per_category=24)
+    rng, images, targets = random.Random(0), [], []
+    for _, group in itertools.groupby(prompts, key=lambda p: p["category"]):
+        group = list(group)
+        for i, prompt in enumerate(group):
+            scene = Scene.from_dict(group[(i + 1) % len(group)]["scene"])
+            images.append(perturbed_render(scene, 32, rng))
+            targets.append(prompt)
+    assert score_by_category(images, targets)["overall_accuracy"] < 0.05
+
+
+def test_a_prompt_is_parsed_into_what_it_asks() -> None:
+    """Every held-out prompt parses back to the "asks" it was made with, so `dalle3 generate`
+    judges a user's prompt as the benchmarks judge theirs."""
+    for prompt in eval_prompts(seed=1, per_category=64):
+        assert prompt_asks(prompt["prompt"]) == prompt["asks"], prompt["prompt"]
+    assert prompt_asks("Two large blue stars in the top left") == {
+        "objects": [{"color": "blue", "shape": "star", "size": "large", "position": "top left",
+                     "count": 2}]
+    }  # fmt: skip
+    assert prompt_asks("a photo of a dog") is None

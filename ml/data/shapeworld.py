@@ -166,17 +166,37 @@ def sample_scene(rng: random.Random, cfg: ShapeWorldConfig) -> Scene:
 # --- rendering --------------------------------------------------------------------------------
 
 
-def render(scene: Scene, size: int) -> Image.Image:
-    """Draw at 4x and box-downsample, so small images stay clean and flat colours stay exact."""
+@dataclass(frozen=True)
+class Placement:
+    """How one object is drawn off its template: moved (dx, dy output pixels), scaled, and in
+    another shade; what `ml.eval.perturb` varies to test a reader as a person reads."""
+
+    dx: float = 0.0
+    dy: float = 0.0
+    scale: float = 1.0
+    rgb: RGB | None = None
+
+
+def render(
+    scene: Scene,
+    size: int,
+    placements: tuple[Placement, ...] | None = None,
+    background_rgb: RGB | None = None,
+) -> Image.Image:
+    """Draw at 4x and box-downsample, so small images stay clean and flat colours stay exact.
+    `placements` (one per object) and `background_rgb` draw the scene off its templates."""
     big = size * SUPERSAMPLE
-    bg = BACKGROUNDS[scene.background]
+    bg = background_rgb or BACKGROUNDS[scene.background]
     img = Image.new("RGB", (big, big), bg)
     draw = ImageDraw.Draw(img)
     _draw_texture(draw, scene.texture, bg, big)
     cell = big / 3
-    for obj in scene.objects:
+    placements = placements or (Placement(),) * len(scene.objects)
+    for obj, place in zip(scene.objects, placements, strict=True):
         cx, cy = _cell_centre(obj.position, cell)
-        _draw_shape(draw, obj.shape, cx, cy, cell * SIZE_SCALE[obj.size] / 2, COLORS[obj.color])
+        cx, cy = cx + place.dx * SUPERSAMPLE, cy + place.dy * SUPERSAMPLE
+        radius = cell * SIZE_SCALE[obj.size] * place.scale / 2
+        _draw_shape(draw, obj.shape, cx, cy, radius, place.rgb or COLORS[obj.color])
     if scene.word:
         _draw_word(draw, scene.word, {o.position for o in scene.objects}, bg, cell)
     return img.resize((size, size), Image.Resampling.BOX)

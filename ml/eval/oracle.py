@@ -1,24 +1,17 @@
-"""The ShapeWorld prompt-following scores.
+"""The ShapeWorld prompt-following scores, all read by one instrument, `ml.eval.scene_reader`.
 
-GenEval-style, by category (`follows`, `score_by_category`): an image follows a prompt when
-`ml.eval.scene_reader` reads from it everything the prompt asks for, with Wilson intervals.
-Single-object colour and position (`find_object`, `score_prompt_following`) is what the
-text-to-image stages score today:
-
-DESIGN.md plans a GenEval-style attribute oracle. For single-object prompts it can be analytic
-and exact instead of a trained classifier: ShapeWorld draws flat colours from a fixed palette
-(`COLORS`) on a near-uniform background, at the cells of a known 3x3 grid, so
-- the background is the median colour of the image (an object covers at most a ninth of it),
-- the object is the set of pixels that differ most from the background, its colour the named
-  colour nearest to their median, and
-- its position is the grid cell that holds most of those pixels.
-Being deterministic and exact on ground-truth renders, it adds no classifier error of its own
-to what it measures; it judges colour and position only, not shape. On a generated image it
-reads whatever stands out most, so a blob in the asked cell with the asked colour counts.
+GenEval-style, by category (`follows`, `score_by_category`): an image follows a prompt when the
+reader finds in it everything the prompt asks for, with Wilson intervals. Single-object colour
+and position (`score_prompt_following`), what the text-to-image checks gate on: an image has
+the asked colour when the reader finds an object of that colour, the asked position when it
+finds an object in that cell, and both when one object has both; the shape is left to the
+categories. The reader is measured on perturbed renders, blank and noise images and permuted
+prompts by `bench/bench_oracle.py`.
 """
 
 import math
 import random
+import re
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,16 +20,17 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ml.data.shapeworld import COLORS, POSITIONS, Scene, descriptive_caption, eval_prompts
+from ml.data.shapeworld import (
+    COLORS,
+    NUMBER_WORDS,
+    POSITIONS,
+    SHAPES,
+    Scene,
+    descriptive_caption,
+    eval_prompts,
+    parse_parts,
+)
 from ml.eval.scene_reader import Reading, read_scene
-
-_PALETTE = np.array(list(COLORS.values()), dtype=np.float64)
-# The object is every pixel at least this fraction as far from the background as the few
-# farthest ones; that drops faint textures (a shade 22 off the background, while objects keep a
-# distance of at least 90: shapeworld.MIN_CONTRAST) and the blended edge pixels of small thin
-# shapes. Exact on all 11,664 single-object renders at 32 px; 0.5 mislabelled 25 of them.
-OBJECT_FRACTION = 0.8
-TOP_PERCENTILE = 99.5  # "the few farthest": robust to a stray pixel of sampling noise
 
 
 @dataclass
@@ -49,20 +43,13 @@ class PromptFollowingConfig:
     sampling_steps: int = 25  # the distilled model's section sets 2
 
 
-def find_object(image: Image.Image) -> tuple[str, str]:
-    """(colour name, position) of the object that stands out most from the background."""
-    pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
-    height, width, _ = pixels.shape
-    background = np.median(pixels.reshape(-1, 3), axis=0)
-    distance = np.linalg.norm(pixels - background, axis=-1)
-    mask = distance >= OBJECT_FRACTION * np.percentile(distance, TOP_PERCENTILE)
-    colour = np.median(pixels[mask], axis=0)
-    name = list(COLORS)[int(np.argmin(np.linalg.norm(_PALETTE - colour, axis=1)))]
-    rows = (np.arange(height) + 0.5) * 3 // height  # grid row of each pixel centre
-    cols = (np.arange(width) + 0.5) * 3 // width
-    cells = (rows[:, None] * 3 + cols[None, :]).astype(np.int64)
-    counts = np.bincount(cells[mask], minlength=len(POSITIONS))
-    return name, POSITIONS[int(np.argmax(counts))]
+def single_object_verdicts(reading: Reading, scene: Scene) -> tuple[bool, bool, bool]:
+    """Whether the reading has an object of the scene's object's colour, one in its cell, and
+    one with both."""
+    want = scene.objects[0]
+    colour = [o.color == want.color for o in reading.objects]
+    position = [o.position == want.position for o in reading.objects]
+    return any(colour), any(position), any(c and p for c, p in zip(colour, position, strict=True))
 
 
 def score_prompt_following(
@@ -75,14 +62,14 @@ def score_prompt_following(
         raise ValueError(f"need as many scenes as images (>0): {len(images)} vs {len(scenes)}")
     if any(len(scene.objects) != 1 for scene in scenes):
         raise ValueError("the oracle scores single-object scenes only")
-    found = [find_object(image) for image in images]
-    colour = [c == s.objects[0].color for (c, _), s in zip(found, scenes, strict=True)]
-    position = [p == s.objects[0].position for (_, p), s in zip(found, scenes, strict=True)]
-    hits = {"color": colour, "position": position, "both": np.logical_and(colour, position)}
+    verdicts = np.array([
+        single_object_verdicts(read_scene(image), scene)
+        for image, scene in zip(images, scenes, strict=True)
+    ]).reshape(-1, 3)  # fmt: skip
     scores = {"n": float(len(images))}
-    for name, verdicts in hits.items():
-        low, high = wilson(int(np.sum(verdicts)), len(images))
-        scores |= {f"{name}_accuracy": float(np.mean(verdicts)), f"{name}_low": low}
+    for name, hits in zip(("color", "position", "both"), verdicts.T, strict=True):
+        low, high = wilson(int(np.sum(hits)), len(images))
+        scores |= {f"{name}_accuracy": float(np.mean(hits)), f"{name}_low": low}
         scores[f"{name}_high"] = high
     return scores | {
         "color_chance": 1 / len(COLORS),
@@ -181,6 +168,31 @@ def follows(reading: Reading, asks: dict[str, Any]) -> bool:
         if n != want["count"] if "count" in want else n == 0:
             return False
     return True
+
+
+_SHAPES = "|".join(SHAPES)
+_PLURAL_RE = re.compile(rf"\b({_SHAPES})(?:es|s)\b", re.IGNORECASE)
+_COUNTED_RE = re.compile(
+    rf"\b({'|'.join(NUMBER_WORDS[2:])})\b[^.,;]*?\b({_SHAPES})(?:es|s)\b", re.IGNORECASE
+)
+
+
+def prompt_asks(prompt: str) -> dict[str, Any] | None:
+    """What a prompt asks of an image, as `follows` takes it ("asks" of `eval_prompts`): each
+    named shape with the colour, size and position stated for it and a count where a number
+    precedes it ("three red circles"), the background and word where stated; None when the
+    prompt names no shape the world draws, so the instrument cannot judge it."""
+    counts = {m.group(2).lower(): NUMBER_WORDS.index(m.group(1).lower())
+              for m in _COUNTED_RE.finditer(prompt)}  # fmt: skip
+    objects, facts = parse_parts(_PLURAL_RE.sub(r"\1", prompt))
+    if not objects:
+        return None
+    asks: dict[str, Any] = {"objects": [
+        {k: v for k, v in o.items() if v is not None}
+        | ({"count": counts[o["shape"]]} if o["shape"] in counts else {})
+        for o in objects
+    ]}  # fmt: skip
+    return asks | {kind: value for kind, value in facts if kind in ("background", "word")}
 
 
 def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
