@@ -2,13 +2,18 @@
 alone, and a text-to-image model trained on its latents, outside the graph.
 
     python bench/bench_latent.py autoencoder --out DIR [--steps 4000] [--latent-channels 16]
-    python bench/bench_latent.py t2i --vae DIR --out DIR [--steps 3000] [--fixed-captions]
+    python bench/bench_latent.py t2i --vae DIR --out DIR [--steps 3000] [--captions fresh]
 
 `autoencoder` trains on ShapeWorld's 4096 train renders (raw_pairs' seed and split) and prints
 the wall time, PSNR on 512 eval renders and the oracle's per-category accuracy on the 224
-held-out prompts' target scenes reconstructed. `t2i` trains on the same renders with their
-ground-truth descriptive captions (the upper bound of what a captioner gives) and prints the
-held-out prompt-following scores of `diffusion_model`, with 95% intervals. One JSON line each.
+held-out prompts' target scenes reconstructed. `t2i` trains `diffusion_model`'s recipe on the
+same renders conditioned on their ground truth: `fresh`, a descriptive caption phrased anew each
+epoch (the upper bound of what a captioner gives); `fixed`, one per image, as a recaptioned
+dataset holds; `structured`, the scene graph as tokens (background, then colour, shape, size
+and cell of each object: the upper bound of what the U-Net draws at this budget, with no
+language to learn). It prints the held-out prompts' scores (the 224 of 7 categories, each asked
+in the model's own conditioning), single-object colour / position from the "position" ones,
+with 95% intervals. One JSON line each, after the speed probe.
 """
 
 import argparse
@@ -33,7 +38,13 @@ from ml.data.shapeworld import (
 from ml.diffusion.autoencoder import images_tensor, psnr, reconstruct, train_autoencoder
 from ml.diffusion.config import AutoencoderConfig, DiffusionConfig
 from ml.diffusion.pipeline import to_pil
-from ml.eval.oracle import PromptFollowingConfig, score_by_category, score_text_to_image
+from ml.eval.oracle import (
+    descriptive_prompt,
+    in_batches,
+    score_by_category,
+    score_prompt_following,
+)
+from ml.speed_probe import describe, probe
 from ml.stage import ConsoleLog
 from ml.stages.diffusion_model import train_model
 from ml.viz import image_grid
@@ -41,12 +52,19 @@ from ml.viz import image_grid
 TRAIN = list(generate(4096, 0, ShapeWorldConfig(), "train"))
 
 
-class Described(IterableDataset):
-    """The train renders with a ground-truth descriptive caption: a fresh one each epoch, or
-    (`fixed`) the same one every epoch, as a recaptioned dataset holds one per image."""
+def structured(scene: Scene) -> str:
+    """The scene graph as tokens a BPE tokenizer keeps whole: "gray plain | red circle large
+    top_left | ... | word CAT"."""
+    parts = [f"{scene.background} {scene.texture}"]
+    parts += [f"{o.color} {o.shape} {o.size} {o.position.replace(' ', '_')}" for o in scene.objects]
+    return " | ".join(parts + ([f"word {scene.word}"] if scene.word else []))
 
-    def __init__(self, fixed: bool = False) -> None:
-        self.epoch, self.fixed = 0, fixed
+
+class Conditioned(IterableDataset):
+    """The train renders with their ground truth as `captions` says (see the module's doc)."""
+
+    def __init__(self, captions: str) -> None:
+        self.epoch, self.captions = 0, captions
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -54,9 +72,32 @@ class Described(IterableDataset):
     def __iter__(self):
         rng = random.Random(self.epoch)
         for i in rng.sample(range(len(TRAIN)), len(TRAIN)):
-            phrasing = random.Random(i) if self.fixed else rng
-            caption = descriptive_caption(scene_of(TRAIN[i]), phrasing)
+            scene = scene_of(TRAIN[i])
+            if self.captions == "structured":
+                caption = structured(scene)
+            else:
+                caption = descriptive_caption(
+                    scene, random.Random(i) if self.captions == "fixed" else rng
+                )
             yield {"image": TRAIN[i].image, "caption": caption}
+
+
+def held_out_scores(pipe, captions: str, guidance: float) -> dict[str, float]:
+    """Every held-out category and single-object colour / position, asked in the conditioning
+    the model was trained on."""
+    prompts = eval_prompts(1, 32)
+    texts = [
+        structured(Scene.from_dict(p["scene"])) if captions == "structured"
+        else descriptive_prompt(p, 1)
+        for p in prompts
+    ]  # fmt: skip
+    images = in_batches(lambda batch: pipe(batch, 25, guidance, seed=1), texts)
+    scores = score_by_category(images, prompts)
+    single = [i for i, p in enumerate(prompts) if p["category"] == "position"]
+    scenes = [Scene.from_dict(prompts[i]["scene"]) for i in single]
+    one = score_prompt_following([images[i] for i in single], scenes)
+    scores |= {f"single_{k}": v for k, v in one.items() if k.startswith(("color", "position"))}
+    return scores
 
 
 def autoencoder(args: argparse.Namespace) -> dict:
@@ -93,14 +134,13 @@ def t2i(args: argparse.Namespace) -> dict:
     )  # fmt: skip
     start = time.time()
     log = ConsoleLog(args.out / "log")
-    pipe, result = train_model(cfg, Described(args.fixed_captions), log, None, False, args.vae)
+    pipe, result = train_model(cfg, Conditioned(args.captions), log, None, False, args.vae)
     wall = time.time() - start
     pipe.save_pretrained(args.out)
-    scores, grid = score_text_to_image(pipe, PromptFollowingConfig(guidance_scale=args.guidance))
-    grid.save(args.out / "prompt_following.png")
+    scores = held_out_scores(pipe, args.captions, args.guidance)
     return {
-        "wall_s": round(wall), "images_per_s": round(result.samples_per_s, 1),
-        "image_size": pipe.image_size,
+        "captions": args.captions, "steps": args.steps, "wall_s": round(wall),
+        "images_per_s": round(result.samples_per_s, 1), "image_size": pipe.image_size,
         **{k: round(v, 3) for k, v in scores.items() if k.endswith(("_accuracy", "_low", "_high"))},
     }  # fmt: skip
 
@@ -117,11 +157,12 @@ def main() -> None:
     model.add_argument("--steps", type=int, default=3000)
     model.add_argument("--cross-attention", type=int, default=3)
     model.add_argument("--guidance", type=float, default=3.0)
-    model.add_argument("--fixed-captions", action="store_true", help="one caption per image")
+    model.add_argument("--captions", choices=("fresh", "fixed", "structured"), default="fresh")
     for each in (ae, model):
         each.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     torch.set_num_threads(2)
+    print(describe(probe()))
     run = autoencoder if args.what == "autoencoder" else t2i
     print(json.dumps({"what": args.what, **run(args)}))
 

@@ -13,6 +13,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from dalle3_dag import arguments
+from dalle3_dag.arguments import Parser
 from dalle3_dag.resources import DvcResource, MlflowResource, StorageResource
 from ml.files import write_atomic
 
@@ -198,17 +200,18 @@ def caption(args: argparse.Namespace) -> int:
 
     from ml.captioner.generate import ImageCaptioner
 
+    images = []
+    for path in args.images:
+        try:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        except (OSError, Image.DecompressionBombError) as err:
+            raise SystemExit(f"dalle3 caption: cannot read image {path}: {err}") from err
     storage = StorageResource()
     needed = ["clip_encoder", "captioner_ssc", "captioner_dsc"]
     missing = [key for key in needed if not storage.asset_dir(key).exists()]
     if missing:
         raise SystemExit(f"not materialized yet: {', '.join(missing)} (run `make run`)")
-    images = []
-    for path in args.images:
-        try:
-            images.append(Image.open(path).convert("RGB"))
-        except OSError as err:
-            raise SystemExit(f"cannot read image {path}: {err}") from err
     for stage in ("ssc", "dsc"):
         captioner = ImageCaptioner(
             storage.asset_dir("clip_encoder"), storage.asset_dir(f"captioner_{stage}")
@@ -280,13 +283,15 @@ def generate(args: argparse.Namespace) -> int:
             f"no {args.model} model materialized at {folder}: run `make run` "
             f"(or `dalle3 run --select +{key}`)"
         )
-    if args.n < 1:
-        raise SystemExit(f"-n must be at least 1, got {args.n}")
     steps = args.steps or default_steps
     prompt = upsample(args.prompt, args.upsampler, args.seed) if args.upsample else args.prompt
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = TextToImagePipeline.from_pretrained(folder).to(device)
     pipe.set_progress_bar_config(disable=True)
+    tokens, limit = len(pipe.tokenizer(prompt).input_ids), pipe.tokenizer.model_max_length
+    if tokens > limit:
+        print(f"warning: the prompt is {tokens} tokens; the text encoder reads the first {limit}",
+              file=sys.stderr)  # fmt: skip
     images = pipe([prompt] * args.n, steps, args.guidance, seed=args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     image_grid(images, cols=min(args.n, 8), scale=4).save(args.out)
@@ -368,7 +373,8 @@ def dvc_yaml(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dalle3", description=__doc__)
+    parser = Parser(prog="dalle3", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("summary", help=summary.__doc__).set_defaults(func=summary)
     dvc_parser = commands.add_parser("dvc-yaml", help=dvc_yaml.__doc__)
@@ -389,13 +395,17 @@ def main(argv: list[str] | None = None) -> int:
     score.add_argument("--out", type=Path, help="per-pair scores, .jsonl or .csv")
     score.set_defaults(func=clip_score)
     gen = commands.add_parser("generate", help=generate.__doc__)
-    gen.add_argument("prompt")
+    gen.add_argument("prompt", type=arguments.prompt)
     gen.add_argument("--model", choices=sorted(MODELS), default="distilled")
-    gen.add_argument("--steps", type=int, help="sampling steps (default: 2 distilled, 25 teacher)")
-    gen.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("-n", type=int, default=4, help="images in the grid")
-    gen.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    gen.add_argument(
+        "--steps", type=arguments.positive, help="sampling steps (default: 2 distilled, 25 teacher)"
+    )
+    gen.add_argument(
+        "--guidance", type=arguments.finite, default=3.0, help="classifier-free guidance scale"
+    )
+    gen.add_argument("--seed", type=arguments.seed, default=0)
+    gen.add_argument("-n", type=arguments.positive, default=4, help="images in the grid")
+    gen.add_argument("--out", type=arguments.image_file, required=True, help="image file to write")
     gen.add_argument(
         "--upsample", action="store_true", help="rewrite the prompt as a descriptive caption first"
     )
@@ -421,7 +431,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     run_parser.set_defaults(func=run)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except Exception as err:  # a failure is one line; --debug shows where it came from
+        if args.debug:
+            raise
+        print(f"dalle3 {args.command}: {type(err).__name__}: {err} (--debug for the traceback)",
+              file=sys.stderr)  # fmt: skip
+        return 1
 
 
 if __name__ == "__main__":

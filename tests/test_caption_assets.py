@@ -22,7 +22,14 @@ from dalle3_dag.partitions import SHARDS
 from ml.data.mixed import MixManifest
 from ml.data.mixed_dataset import MixedDataset
 from ml.data.recaption import read_sidecar
-from ml.data.shapeworld import EVAL_CATEGORIES, ShapeWorldConfig, generate, scene_of
+from ml.data.shapeworld import (
+    EVAL_CATEGORIES,
+    Scene,
+    ShapeWorldConfig,
+    generate,
+    render,
+    scene_of,
+)
 from ml.data.shards import ReadStats, read_shard
 from ml.diffusion.pipeline import TextToImagePipeline
 from ml.eval.ablation import summary
@@ -67,7 +74,9 @@ def dvc_show(project, what: str) -> str:
 
 
 def test_caption_cli_without_models_says_what_is_missing(project, tmp_path):
-    proc = dalle3(project, "caption", str(tmp_path / "any.png"))
+    image = tmp_path / "any.png"
+    render(Scene("gray", "plain", ()), 32).save(image)
+    proc = dalle3(project, "caption", str(image))
     assert proc.returncode != 0
     assert "not materialized yet: clip_encoder" in proc.stderr
 

@@ -52,6 +52,9 @@ def server() -> Iterator[tuple[str, Behaviour]]:
         if behaviour.failures:
             behaviour.failures -= 1
             return JSONResponse({"error": "overloaded"}, status_code=500)
+        if behaviour.status == 401:  # as some servers do: the rejected header echoed back
+            auth = request.headers.get("authorization")
+            return JSONResponse({"error": {"message": f"invalid: {auth}"}}, status_code=401)
         if behaviour.status != 200:
             return JSONResponse({"error": {"message": "bad model"}}, status_code=behaviour.status)
         await asyncio.sleep(behaviour.delay_s)
@@ -128,6 +131,14 @@ def test_a_client_error_is_not_retried(chat) -> None:
     with pytest.raises(UpsamplerError, match="HTTP 404.*bad model"):
         ChatUpsampler(cfg)(["a red circle"])
     assert len(behaviour.requests) == 1
+
+
+def test_a_key_the_server_echoes_back_is_redacted(chat) -> None:
+    cfg, behaviour, _ = chat
+    behaviour.status = 401
+    with pytest.raises(UpsamplerError, match=r"HTTP 401.*invalid: Bearer \*\*\*") as err:
+        ChatUpsampler(cfg)(["a red circle"])
+    assert KEY not in str(err.value)
 
 
 def test_an_unreachable_endpoint_is_a_clear_error(chat) -> None:

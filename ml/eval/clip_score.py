@@ -128,12 +128,14 @@ def read_pairs(
         if not isinstance(row.get("caption"), str):
             raise ValueError(f'{where}: "caption" must be a string')
         path = images_dir / row["image"]
+        if not path.resolve().is_relative_to(images_dir.resolve()):
+            raise ValueError(f'{where}: "image" must name a file inside {images_dir}')
         if not path.is_file():
             raise FileNotFoundError(f"{where}: image not found: {path}")
         try:
             with Image.open(path) as image:
                 images.append(image.convert("RGB"))
-        except OSError as err:
+        except (OSError, Image.DecompressionBombError) as err:
             raise ValueError(f"{where}: cannot read image {path}: {err}") from err
         names.append(row["image"])
         captions.append(row["caption"])

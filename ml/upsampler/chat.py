@@ -88,7 +88,9 @@ class ChatUpsampler:
                     return _content(response, url)
                 failure = f"HTTP {response.status_code}"
                 if response.status_code not in RETRIED_STATUS:
-                    raise UpsamplerError(f"{url}: {failure}: {response.text[:200]}")
+                    # a server may echo the request's Authorization header back
+                    answer = response.text.replace(self._key, "***")[:200]
+                    raise UpsamplerError(f"{url}: {failure}: {answer}")
             if attempt == attempts:
                 raise UpsamplerError(f"{url}: {failure}, {attempts} attempt(s)")
             wait = self.cfg.backoff_s * 2 ** (attempt - 1)
