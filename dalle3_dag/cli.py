@@ -1,17 +1,19 @@
 """`dalle3`: the project's command line, for what is not a Dagster materialization."""
 
 import argparse
+import fcntl
 import functools
 import itertools
 import json
 import operator
+import os
 import re
 import subprocess
 import sys
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from dalle3_dag import arguments
 from dalle3_dag.arguments import Parser
@@ -76,14 +78,18 @@ def run(args: argparse.Namespace) -> int:
     The console shows Dagster's INFO lines (each asset's start, progress and figures); the
     full DEBUG log goes to `logs/run-<time>.log`.
     """
+    from dalle3_dag.project import PROJECT_DIR
+
+    started = time.monotonic()
+    # first of all: loading the definitions opens the instance, which creates its storage
+    lock = hold_project(Path(os.environ.get("DAGSTER_HOME") or PROJECT_DIR / ".dagster"))
     import dagster as dg
 
+    dg.DagsterInstance.get().dispose()  # its storage made here, under the lock, not in a race
     from dalle3_dag.definitions import defs
-    from dalle3_dag.project import PROJECT_DIR
     from dalle3_dag.rebuild import Rebuild, spans
     from ml.speed_probe import describe, probe
 
-    started = time.monotonic()
     log = RunLog(PROJECT_DIR / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log")
     print(f"full log: {log.path}", flush=True)
     print(describe(probe()), flush=True)  # beside the wall time below
@@ -137,7 +143,30 @@ def run(args: argparse.Namespace) -> int:
     if fresh:
         print(f"up to date, not rerun: {', '.join(fresh)}", flush=True)
     print(f"dalle3 run: {(time.monotonic() - started) / 60:.1f} min wall", flush=True)
+    lock.close()
     return summary(args) if args.summary else 0
+
+
+def hold_project(home: Path) -> TextIO:
+    """The project's `dalle3 run` lock, open (the OS releases it when the process ends, however
+    it ends): two runs at once would race to create the Dagster instance's storage and
+    interleave their writes to the asset store and dvc.lock, so the second stops at once."""
+    home.mkdir(parents=True, exist_ok=True)
+    lock = open(home / "dalle3-run.lock", "a+")  # noqa: SIM115
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise SystemExit(
+            f"dalle3 run: this project is being run by {holder}; wait for it to end or stop it"
+        ) from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"dalle3 run (pid {os.getpid()}, started {time.strftime('%H:%M:%S')})")
+    lock.flush()
+    return lock
 
 
 def one_run_each(node: Any) -> bool:

@@ -238,3 +238,30 @@ def test_cli_lists_the_schedule_and_sensor(project):
     )
     assert "nightly_rebuild" in run([str(BIN / "dagster"), "schedule", "list", *location], project)
     assert "new_raw_shards" in run([str(BIN / "dagster"), "sensor", "list", *location], project)
+
+
+def test_two_runs_started_together_on_a_fresh_project(project):
+    """Two `dalle3 run` at the same moment on a fresh project: one runs, the other stops at
+    once naming it, before either creates the Dagster instance's storage; the instance works
+    after (a race here once broke it for good)."""
+    env = {**project.env(), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    cmd = [str(BIN / "dalle3"), "run", "--select", "raw_pairs"]
+    procs = [
+        subprocess.Popen(cmd, cwd=project.root, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)  # fmt: skip
+        for _ in range(2)
+    ]
+    results = [(proc.wait(timeout=600), *proc.communicate()) for proc in procs]
+    codes = sorted(code for code, _, _ in results)
+    assert codes == [0, 1], results
+    (refused,) = [err for code, _, err in results if code == 1]
+    assert "this project is being run by dalle3 run (pid" in refused
+    assert "raw_pairs: done" in next(out for code, out, _ in results if code == 0)
+    assert "up to date, not rerun: raw_pairs" in run(cmd, project)
+    with cli_instance(project) as instance:
+        jobs = sorted((r.job_name, r.status.value) for r in instance.get_runs())
+    # the refused run launched nothing: the first run's observation and materialization, and
+    # the third's observation
+    assert jobs == [("__ASSET_JOB", "SUCCESS"), ("observe_sources", "SUCCESS")] + [
+        ("observe_sources", "SUCCESS")
+    ]
