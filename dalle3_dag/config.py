@@ -20,9 +20,9 @@ class CheckFloors:
 
     clip_color_preference: float = 0.8
     clip_recall_over_chance: float = 2.0  # recall@5 / chance@5 on the eval split
-    ssc_main_object_accuracy: float = 0.70  # fine-tuned from base: 0.65-0.81 measured
+    ssc_main_object_accuracy: float = 0.60
     dsc_attribute_recall: float = 0.8
-    dsc_attribute_precision: float = 0.9
+    dsc_attribute_precision: float = 0.85
     autoencoder_psnr: float = 28.0  # dB on held-out renders
     autoencoder_oracle: float = 0.85  # the oracle's GenEval overall on reconstructed targets
     prompt_color: float = 0.8  # the teacher's single-object colour accuracy
