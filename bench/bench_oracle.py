@@ -8,9 +8,9 @@ person would still read them, and false positives on blank, noise and mismatched
     (objects moved up to 3 px, scaled +-15%, blurred up to 1 px, reshaded +-15 a channel, noise
     sd 4): the share read as following their own prompt, per category, 95% Wilson intervals.
 (ii) False positives on mismatched prompts: each image scored against another prompt of its
-    category. On ground-truth renders this is the floor set by prompts that ask the same
-    thing; with `--model`, the model's samples of the descriptive prompts (and, beside them,
-    the model's accuracy on its own prompts).
+    category that its target scene does not follow (`perturb.mismatched`), on perturbed
+    renders and, with `--model`, on the model's samples of the descriptive prompts (beside
+    them, the model's accuracy on its own prompts).
 (iii) False positives on images that show nothing: blank backgrounds (every colour and
     texture), uniform noise, and Gaussian noise around each background, each scored against
     every prompt of each category.
@@ -30,7 +30,7 @@ from PIL import Image
 
 from ml.data.shapeworld import BACKGROUNDS, EVAL_CATEGORIES, TEXTURES, Scene, eval_prompts, render
 from ml.eval.oracle import descriptive_prompt, follows, in_batches, wilson
-from ml.eval.perturb import Perturbation, perturbed_render
+from ml.eval.perturb import Perturbation, mismatched, perturbed_render
 from ml.eval.scene_reader import read_scene
 from ml.speed_probe import describe, probe
 
@@ -64,17 +64,6 @@ def verdicts(images: Sequence[Image.Image], asked: Sequence[dict[str, Any]]) -> 
     out: dict[str, list[bool]] = {c: [] for c in EVAL_CATEGORIES}
     for image, prompt in zip(images, asked, strict=True):
         out[prompt["category"]].append(follows(read_scene(image), prompt["asks"]))
-    return out
-
-
-def mismatched(prompts: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each prompt's place taken by another of its category (a seeded derangement)."""
-    rng, out = random.Random(0), list(prompts)
-    for category in EVAL_CATEGORIES:
-        places = [i for i, p in enumerate(prompts) if p["category"] == category]
-        order = rng.sample(places, len(places))
-        for i, j in zip(order, order[1:] + order[:1], strict=True):
-            out[i] = prompts[j]
     return out
 
 
@@ -134,8 +123,9 @@ def main() -> None:
         rows[name] = verdicts(images, prompts)
     table("(i) renders read right", rows)
 
-    renders = [render(s, args.size) for s in scenes]
-    rows = {"ground-truth renders": verdicts(renders, mismatched(prompts))}
+    rng = random.Random(1)
+    drawn = [perturbed_render(s, args.size, rng) for s in scenes]
+    rows = {"perturbed renders": verdicts(drawn, mismatched(prompts))}
     if args.model is not None:
         texts = [descriptive_prompt(p, 1) for p in prompts]
         samples = in_batches(model_sampler(args.model, args.steps, args.guidance), texts)
@@ -149,6 +139,7 @@ def main() -> None:
     }
     table("(iii) false positives, nothing drawn", rows)
 
+    renders = [render(s, args.size) for s in scenes]
     start = time.perf_counter()
     for image in renders:
         read_scene(image)

@@ -1,18 +1,21 @@
-"""Renders of a scene drawn as a careful person would still read them right.
+"""What the prompt-following instrument is measured on before it is trusted
+(`bench/bench_oracle.py`, tests/test_oracle.py): renders drawn as a careful person would still
+read them right, and prompts an image should not follow.
 
 A generated image is never the template: objects sit a few pixels off their cell's centre, a
-little larger or smaller, blurred, in a nearby shade, over a grainy background. The
-prompt-following instrument is measured on such renders (`bench/bench_oracle.py`) before its
-verdicts on generated images are trusted.
+little larger or smaller, blurred, in a nearby shade, over a grainy background.
 """
 
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFilter
 
 from ml.data.shapeworld import BACKGROUNDS, COLORS, RGB, Placement, Scene, render
+from ml.eval.oracle import follows
+from ml.eval.scene_reader import Reading
 
 
 @dataclass(frozen=True)
@@ -52,3 +55,17 @@ def perturbed_render(
     pixels = np.asarray(image, dtype=np.float64)
     noise = np.random.default_rng(rng.getrandbits(32)).normal(0, p.noise, pixels.shape)
     return Image.fromarray(np.clip(np.rint(pixels + noise), 0, 255).astype(np.uint8))
+
+
+def mismatched(prompts: list[dict[str, Any]], seed: int = 0) -> list[dict[str, Any]]:
+    """For each prompt's target scene, another prompt of its category that the scene does not
+    follow (by its ground truth, not by a reading), drawn in a seeded order: an image that
+    follows it is a false positive of the instrument, or a model drawing what was not asked."""
+    rng, out = random.Random(seed), []
+    for prompt in prompts:
+        scene = Scene.from_dict(prompt["scene"])
+        truth = Reading(scene.background, scene.objects, scene.word, ())
+        others = [p for p in prompts if p["category"] == prompt["category"]]
+        out.append(next(p for p in rng.sample(others, len(others))
+                        if not follows(truth, p["asks"])))  # fmt: skip
+    return out
