@@ -26,6 +26,7 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcesso
 from ml.clip import encode_images
 from ml.data.shapeworld import ShapeWorldConfig, generate
 from ml.eval.clip_score import HESSEL_WEIGHT, clip_score
+from ml.speed_probe import describe, probe
 
 
 def to_hf(model: open_clip.CLIP, folder: Path) -> CLIPProcessor:
@@ -198,6 +199,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", default=None, help="local open_clip weights file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    print(describe(probe()))
     torch.manual_seed(0)
     model, _, preprocess = open_clip.create_model_and_transforms(
         args.arch, pretrained=args.checkpoint

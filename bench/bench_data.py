@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ml.data.shapeworld import ShapeWorldConfig, generate
 from ml.data.shards import ReadStats, read_shards, write_shards
+from ml.speed_probe import describe, probe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,6 +57,7 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=512)
     parser.add_argument("--make-run", action="store_true", help="also time `make run`")
     args = parser.parse_args()
+    print(describe(probe()))
     bench_data(args.samples, args.shard_size)
     if args.make_run:
         bench_make_run()

@@ -29,6 +29,7 @@ from ml.diffusion.config import DiffusionConfig
 from ml.diffusion.pipeline import TextToImagePipeline, build_pipeline
 from ml.diffusion.training import caption_corpus, diffusion_loss, make_batch
 from ml.eval.oracle import evaluate_prompt_following, single_object_prompts
+from ml.speed_probe import describe, probe
 from ml.stages.diffusion_model import train_model
 from ml.train import step_generator
 
@@ -146,7 +147,7 @@ def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch threads: {torch.get_num_threads()}")
+    print(describe(probe()))
     sampling(args)
     training(args)
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ml import speed_probe
 from ml.data.shapeworld import COLORS, POSITIONS, SHAPES, Scene, SceneObject
 from ml.data.shapeworld import descriptive_caption as describe
 from ml.diffusion.pipeline import TextToImagePipeline, encode_prompts
@@ -125,6 +126,7 @@ def main() -> None:
     parser.add_argument("--captions", type=Path, help="a recaptioned shard's caption sidecar")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    print(speed_probe.describe(speed_probe.probe()))
     pipe = TextToImagePipeline.from_pretrained(args.model)
     pipe.set_progress_bar_config(disable=True)
     prompts = single_object_prompts(seed=1, n=args.prompts)

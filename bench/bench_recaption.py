@@ -23,6 +23,7 @@ from ml.clip import build_toy_clip, load_clip, toy_transforms
 from ml.clip_config import ClipConfig
 from ml.config import TrainConfig
 from ml.data.shapeworld import ShapeWorldConfig, generate
+from ml.speed_probe import describe, probe
 from ml.stages.captioner import fit_to_clip
 from ml.tokenizer import train_tokenizer
 
@@ -61,6 +62,7 @@ def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    print(describe(probe()))
     if args.clip:
         clip, preprocess, _ = load_clip(args.clip)
         model = Captioner.from_pretrained(args.captioner)

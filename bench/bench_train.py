@@ -32,6 +32,7 @@ from ml.captioner.train import (
 from ml.clip import ContrastiveLoss, build_toy_clip, clip_batch, toy_transforms, train_toy_clip
 from ml.clip_config import ClipConfig
 from ml.data.shapeworld import ShapeWorldConfig, generate, scene_of
+from ml.speed_probe import describe, probe
 from ml.stages.captioner import fit_to_clip
 from ml.tokenizer import train_tokenizer
 
@@ -124,7 +125,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch threads: {torch.get_num_threads()}, {args.steps} steps x {args.rounds} rounds")
+    print(describe(probe()))
+    print(f"{args.steps} steps x {args.rounds} rounds")
     for name, measure in (("toy CLIP", clip_rows), ("DSC captioner", captioner_rows)):
         rounds = [measure(args) for _ in range(args.rounds)]
         best = {key: max(r[key] for r in rounds) for key in rounds[0]}
