@@ -207,8 +207,9 @@ def _fit_objects(
         match, k, s = best.pop(c)
         mask = cell_masks[c].full(k, s, size)
         found[POSITIONS[c]] = (match, *kinds[k], mask)
-        residual = np.where(_grow(mask > REACH), 0.0, residual)
-        touched = {int(cell) for cell in np.unique(grid[_grow(mask > REACH)])}
+        covered = _grow(mask > REACH)
+        residual = np.where(covered, 0.0, residual)
+        touched = {int(cell) for cell in np.unique(grid[covered])}
         best = {cell: v for cell, v in best.items() if cell not in touched}
 
 
