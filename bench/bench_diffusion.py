@@ -25,9 +25,10 @@ from torch.utils.data import IterableDataset
 
 from dalle3_dag.resources import StorageResource
 from ml.data.shapeworld import ShapeWorldConfig, generate
+from ml.diffusion.autoencoder import images_tensor
 from ml.diffusion.config import DiffusionConfig
 from ml.diffusion.pipeline import TextToImagePipeline, build_pipeline
-from ml.diffusion.training import caption_corpus, diffusion_loss, make_batch
+from ml.diffusion.training import caption_corpus, diffusion_loss
 from ml.eval.oracle import evaluate_prompt_following, single_object_prompts
 from ml.speed_probe import describe, probe
 from ml.stages.diffusion_model import train_model
@@ -40,7 +41,7 @@ class Scenes(IterableDataset):
     def __init__(self, n: int, image_size: int) -> None:
         cfg = ShapeWorldConfig(image_size=image_size)
         self.examples = [
-            {"image": s.image, "caption": s.meta["descriptive_caption"]}
+            {"key": s.key, "image": s.image, "caption": s.meta["descriptive_caption"]}
             for s in generate(n, seed=0, cfg=cfg, split="bench")
         ]
         self.epoch = 0
@@ -106,11 +107,12 @@ def bare_loop(cfg: DiffusionConfig, dataset: Scenes, steps: int) -> float:
     params = [*pipe.unet.parameters(), *pipe.text_encoder.parameters()]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr)
     examples = dataset.examples[: cfg.train.batch_size]
-    captions, pixels = make_batch(examples, cfg.image_size, 0.0, step_generator(0, 0, 0))
+    captions = [example["caption"] for example in examples]
+    moments = pipe.image_moments(images_tensor([ex["image"] for ex in examples], cfg.image_size))
     start = time.perf_counter()
     for step in range(steps):
         generator = step_generator(cfg.train.seed, step, 0)
-        loss = diffusion_loss(pipe, pipe.unet, pipe.text_encoder, captions, pixels, generator)
+        loss = diffusion_loss(pipe, pipe.unet, pipe.text_encoder, captions, moments, generator)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -79,7 +79,7 @@ class Conditioned(IterableDataset):
                 caption = descriptive_caption(
                     scene, random.Random(i) if self.captions == "fixed" else rng
                 )
-            yield {"image": TRAIN[i].image, "caption": caption}
+            yield {"key": TRAIN[i].key, "image": TRAIN[i].image, "caption": caption}
 
 
 def held_out_scores(pipe, captions: str, guidance: float) -> dict[str, float]:

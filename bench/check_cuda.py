@@ -25,7 +25,7 @@ from ml.stages.diffusion_model import train_model
 class Scenes(IterableDataset):
     def __init__(self, n: int) -> None:
         self.examples = [
-            {"image": s.image, "caption": s.meta["descriptive_caption"]}
+            {"key": s.key, "image": s.image, "caption": s.meta["descriptive_caption"]}
             for s in generate(n, seed=0, cfg=ShapeWorldConfig(), split="cuda")
         ]
 

@@ -15,8 +15,7 @@ from PIL import Image
 from torch.nn import functional as F
 
 from ml.diffusion.config import AutoencoderConfig
-from ml.diffusion.pipeline import to_pil
-from ml.diffusion.training import to_tensor
+from ml.diffusion.pipeline import to_pil, to_tensor
 from ml.stage import NO_LOG, Log
 from ml.train import Shuffled, TrainResult, train
 

@@ -28,9 +28,9 @@ from torch.utils.data import IterableDataset
 
 from ml.diffusion.config import DistillConfig
 from ml.diffusion.pipeline import TextToImagePipeline, encode_prompts, guided, predict_noise
-from ml.diffusion.training import make_batch
+from ml.diffusion.training import training_batches
 from ml.stage import NO_LOG, Log
-from ml.train import Streamed, TrainResult, train
+from ml.train import TrainResult, train
 
 SIGMA_DATA = 0.5  # the data scale the boundary scalings assume (Karras et al., LCM)
 
@@ -117,8 +117,9 @@ def distill(
 ) -> tuple[TextToImagePipeline, TrainResult]:
     """Distil `teacher` into a student pipeline (same layout, LCM scheduler).
 
-    `data` is a dataset with `set_epoch` yielding {"image", "caption"} (a `MixedDataset`); only
-    its images and captions are used, never the teacher's samples. The target network (the
+    `data` is a dataset with `set_epoch` yielding {"key", "image", "caption"} (a `MixedDataset`);
+    only its images (their posteriors, encoded once into `work`) and captions are used, never
+    the teacher's samples. The target network (the
     student's slow EMA) is checkpointed with the student (see `ml.train.train`).
     """
     device = teacher.device
@@ -135,10 +136,10 @@ def distill(
         batch: tuple[list[str], torch.Tensor],
         generator: torch.Generator,
     ) -> torch.Tensor:
-        captions, pixels = batch
+        captions, moments = batch
         n = len(captions)
         with torch.no_grad():
-            x0 = teacher.encode_images(pixels.to(device), generator).float()
+            x0 = teacher.draw_latents(moments.to(device), generator).float()
             index = torch.randint(0, cfg.num_ddim_timesteps, (n,), generator=generator)
             start = solver_timesteps[index.to(device)]
             end = (start - skip).clamp(min=0)
@@ -177,11 +178,7 @@ def distill(
             for moving, online in zip(target.parameters(), student.parameters(), strict=True):
                 moving.lerp_(online, 1 - cfg.target_ema_decay)
 
-    batches = Streamed(
-        data,
-        cfg.train.batch_size,
-        lambda examples, generator: make_batch(examples, teacher.image_size, 0.0, generator),
-    )
+    batches = training_batches(teacher, data, cfg.train.batch_size, 0.0, work, log)
     result = train(
         [student], loss_fn, batches, cfg.train, log, work, resume, {"target": target}, after_step
     )

@@ -13,6 +13,7 @@ with its own scheduler.
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -24,6 +25,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.models.attention_processor import AttnProcessor
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
 from transformers import (
@@ -121,6 +123,15 @@ def guided(prediction: torch.Tensor, guidance_scale: float | torch.Tensor) -> to
     return unconditional + guidance_scale * (conditional - unconditional)
 
 
+def to_tensor(image: Image.Image, size: int) -> torch.Tensor:
+    """An RGB image as a (3, size, size) float tensor in [-1, 1]: `to_pil`'s inverse."""
+    image = image.convert("RGB")
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
+    return pixels.permute(2, 0, 1).float() / 127.5 - 1
+
+
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """A (batch, 3, h, w) tensor in [-1, 1] as PIL images."""
     pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -166,11 +177,24 @@ class TextToImagePipeline(DiffusionPipeline):
         self, pixels: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """Pixels in [-1, 1] -> what the U-Net denoises: the scaled VAE latents, or the pixels."""
+        return self.draw_latents(self.image_moments(pixels), generator)
+
+    def image_moments(self, pixels: torch.Tensor) -> torch.Tensor:
+        """What `draw_latents` draws from: the VAE posterior's mean and log-variance stacked on
+        the channels, or the pixels without a VAE. Deterministic, so training computes it once
+        per image (`ml.diffusion.latent_cache`)."""
         if self.vae is None:
             return pixels
-        posterior = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+        return self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.parameters
+
+    def draw_latents(
+        self, moments: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """A posterior sample from `image_moments`' output, scaled as the U-Net sees it."""
+        if self.vae is None:
+            return moments
         shift, scale = self._latent_normalization()
-        return (posterior.sample(generator) - shift) * scale
+        return (DiagonalGaussianDistribution(moments).sample(generator) - shift) * scale
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """The inverse of `encode_images`: pixels in [-1, 1] (unclamped)."""

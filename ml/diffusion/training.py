@@ -1,10 +1,10 @@
-"""What the diffusion model and its student train on: batches of images and blended captions,
-the denoising loss, and the sample grids that show training go."""
+"""What the diffusion model and its student train on: batches of blended captions and the
+images' cached posteriors, the denoising loss, and the sample grids that show training go."""
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.nn import functional as F
@@ -12,43 +12,63 @@ from torch.utils.data import IterableDataset
 
 from ml.data.mixed_dataset import MixedDataset
 from ml.diffusion.config import DiffusionConfig
+from ml.diffusion.latent_cache import Posteriors, posteriors_for
 from ml.diffusion.pipeline import TextToImagePipeline, encode_prompts, predict_noise
+from ml.stage import NO_LOG, Log
+from ml.train import Streamed, rank_and_world
 from ml.viz import image_grid
-
-
-def to_tensor(image: Image.Image, size: int) -> torch.Tensor:
-    """An RGB image as a (3, size, size) float tensor in [-1, 1]."""
-    image = image.convert("RGB")
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.Resampling.BICUBIC)
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
-    return pixels.permute(2, 0, 1).float() / 127.5 - 1
 
 
 def needs_corpus(cfg: DiffusionConfig) -> bool:
     return not cfg.text_encoder_path and cfg.tokenizer == "bpe"
 
 
-def caption_corpus(dataset: IterableDataset) -> list[str]:
-    """The captions of epoch 0, which the toy BPE tokenizer learns from: a pure function of the
-    data, so a resumed run rebuilds the same vocabulary, and every DDP rank reads all of it."""
+def whole_epoch(dataset: IterableDataset) -> Iterable[dict[str, Any]]:
+    """Epoch 0 of `dataset` in full, whatever this process's share of it under DDP: a pure
+    function of the data, so every rank and a resumed run read the same."""
     if isinstance(dataset, MixedDataset):
         dataset = MixedDataset(dataset.manifest, rank=0, world_size=1)
     dataset.set_epoch(0)
-    return [example["caption"] for example in dataset]
+    return dataset
+
+
+def caption_corpus(dataset: IterableDataset) -> list[str]:
+    """The captions of epoch 0, which the toy BPE tokenizer learns from."""
+    return [example["caption"] for example in whole_epoch(dataset)]
 
 
 def make_batch(
     examples: list[dict[str, Any]],
-    image_size: int,
+    posteriors: Posteriors,
     caption_dropout: float,
     generator: torch.Generator,
 ) -> tuple[list[str], torch.Tensor]:
-    """(captions, pixels in [-1, 1]); `caption_dropout` of the captions replaced by "", which
-    trains the unconditional prediction that classifier-free guidance needs."""
+    """(captions, the images' posterior moments); `caption_dropout` of the captions replaced by
+    "", which trains the unconditional prediction that classifier-free guidance needs."""
     dropped = (torch.rand(len(examples), generator=generator) < caption_dropout).tolist()
     captions = ["" if drop else ex["caption"] for drop, ex in zip(dropped, examples, strict=True)]
-    return captions, torch.stack([to_tensor(ex["image"], image_size) for ex in examples])
+    return captions, posteriors[[ex["key"] for ex in examples]]
+
+
+def training_batches(
+    pipe: TextToImagePipeline,
+    dataset: IterableDataset,
+    batch_size: int,
+    caption_dropout: float,
+    work: Path | None,
+    log: Log = NO_LOG,
+    num_workers: int = 0,
+) -> Streamed:
+    """Batches of `dataset` (yielding {"key", "image", "caption"}) for `make_batch`, its
+    images' posteriors encoded once (`ml.diffusion.latent_cache`, kept in `work`)."""
+    writer = rank_and_world()[0] == 0
+    posteriors = posteriors_for(pipe, whole_epoch(dataset), pipe.image_size, work, log, writer)
+    return Streamed(
+        dataset,
+        batch_size,
+        lambda examples, gen: make_batch(examples, posteriors, caption_dropout, gen),
+        num_workers,
+    )
 
 
 def diffusion_loss(
@@ -56,11 +76,12 @@ def diffusion_loss(
     unet: torch.nn.Module,
     text_encoder: torch.nn.Module,
     captions: list[str],
-    pixels: torch.Tensor,
+    moments: torch.Tensor,
     generator: torch.Generator,
 ) -> torch.Tensor:
-    """The denoising loss of one batch: MSE between the U-Net's prediction and its target (the
-    noise, or v), at uniformly drawn timesteps.
+    """The denoising loss of one batch of posterior `moments` (`pipe.image_moments`): MSE
+    between the U-Net's prediction and its target (the noise, or v), at uniformly drawn
+    timesteps.
 
     `unet` and `text_encoder` may be the accelerate-wrapped modules of `pipe`. Every random
     draw (VAE posterior sample, timesteps, noise) comes from the CPU `generator`, in that order,
@@ -68,7 +89,7 @@ def diffusion_loss(
     """
     device = next(unet.parameters()).device
     with torch.no_grad():
-        latents = pipe.encode_images(pixels.to(device), generator).float()
+        latents = pipe.draw_latents(moments.to(device), generator).float()
     schedule = pipe.scheduler
     timesteps = torch.randint(
         0, schedule.config.num_train_timesteps, (len(captions),), generator=generator

@@ -48,18 +48,18 @@ def train_model(
     keep: Mapping[int, Path] | None = None,
 ) -> tuple[Any, Any]:
     """(the trained pipeline with its EMA weights, the loop's `TrainResult`) on `dataset`, a
-    `MixedDataset` or any dataset with `set_epoch` yielding {"image", "caption"}; in the latent
-    space of the autoencoder in `vae_dir`, or in pixel space without one. `keep` maps steps to
-    folders where the pipeline with that step's EMA weights is saved (checkpoints to score)."""
+    `MixedDataset` or any dataset with `set_epoch` yielding {"key", "image", "caption"}; in
+    the latent space of the autoencoder in `vae_dir`, or in pixel space without one. `keep`
+    maps steps to folders where the pipeline with that step's EMA weights is saved."""
     from ml.diffusion.pipeline import build_pipeline
     from ml.diffusion.training import (
         caption_corpus,
         diffusion_loss,
-        make_batch,
         needs_corpus,
         sample_grid,
+        training_batches,
     )
-    from ml.train import Streamed, rank_and_world, train
+    from ml.train import rank_and_world, train
 
     pipe = build_pipeline(cfg, caption_corpus(dataset) if needs_corpus(cfg) else (), vae_dir)
     pipe.set_progress_bar_config(disable=True)
@@ -67,9 +67,9 @@ def train_model(
     pipe.to(device())
 
     def loss_fn(modules: list[Any], batch: Any, generator: Any) -> Any:
-        captions, pixels = batch
+        captions, moments = batch
         text_encoder = modules[1] if cfg.train_text_encoder else pipe.text_encoder
-        return diffusion_loss(pipe, modules[0], text_encoder, captions, pixels, generator)
+        return diffusion_loss(pipe, modules[0], text_encoder, captions, moments, generator)
 
     def after_step(step: int, ema_weights: Any) -> None:
         if cfg.sample_every and step % cfg.sample_every == 0:
@@ -82,11 +82,8 @@ def train_model(
                 pipe.save_pretrained(staged)
             replace_folder(staged, keep[step])
 
-    batches = Streamed(
-        dataset,
-        cfg.train.batch_size,
-        lambda examples, gen: make_batch(examples, cfg.image_size, cfg.caption_dropout, gen),
-        cfg.num_workers,
+    batches = training_batches(
+        pipe, dataset, cfg.train.batch_size, cfg.caption_dropout, work, log, cfg.num_workers
     )
     result = train(trained, loss_fn, batches, cfg.train, log, work, resume, after_step=after_step)
     return pipe, result

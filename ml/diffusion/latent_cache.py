@@ -1,0 +1,134 @@
+"""The frozen autoencoder's posterior of every training image, encoded once per training run.
+
+A training step looks up its batch's posterior moments by sample key and draws its latents
+with its own generator (`TextToImagePipeline.draw_latents`): the draw re-encoding the pixels
+would give, without the encoder's forward pass each step. The file lives in the run's
+checkpoint folder, already one per (config, input versions) (`ml.stage.Inputs.checkpoints`),
+and records the autoencoder it came from, so a folder reused with another one re-encodes.
+"""
+
+import hashlib
+import json
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save
+
+from ml.diffusion.autoencoder import images_tensor
+from ml.diffusion.pipeline import TextToImagePipeline
+from ml.files import write_atomic
+from ml.stage import NO_LOG, Log
+
+FILE = "posteriors.safetensors"
+
+
+class Posteriors:
+    """Posterior moments (mean and log-variance stacked on channels) by sample key."""
+
+    def __init__(self, keys: Sequence[str], moments: torch.Tensor, fingerprint: str) -> None:
+        self.index = {key: row for row, key in enumerate(keys)}
+        if len(self.index) != len(keys):
+            twice = sorted({k for k in keys if list(keys).count(k) > 1})[:3]
+            raise ValueError(f"sample keys appear twice in the training set: {twice}")
+        if len(keys) != len(moments):
+            raise ValueError(f"{len(keys)} keys for {len(moments)} posteriors")
+        self.moments, self.fingerprint = moments, fingerprint
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, keys: Sequence[str]) -> torch.Tensor:
+        missing = [key for key in keys if key not in self.index]
+        if missing:
+            raise KeyError(
+                f"no cached posterior for sample {missing[0]!r}: the training set changed "
+                "after its posteriors were encoded"
+            )
+        return self.moments[[self.index[key] for key in keys]]
+
+    def save(self, path: Path) -> None:
+        metadata = {"keys": json.dumps(list(self.index)), "fingerprint": self.fingerprint}
+        write_atomic(Path(path), save({"moments": self.moments.contiguous()}, metadata))
+
+    @classmethod
+    def load(cls, path: Path) -> "Posteriors":
+        with safe_open(str(path), framework="pt") as file:
+            metadata = file.metadata()
+            moments = file.get_tensor("moments")
+        return cls(json.loads(metadata["keys"]), moments, metadata["fingerprint"])
+
+
+def fingerprint(pipe: TextToImagePipeline, image_size: int) -> str:
+    """What an image's moments depend on besides the image: the autoencoder's weights and the
+    size images are resized to."""
+    digest = hashlib.sha256(str(image_size).encode())
+    if pipe.vae is not None:
+        for name, tensor in sorted(pipe.vae.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@torch.no_grad()
+def encode_posteriors(
+    pipe: TextToImagePipeline,
+    examples: Iterable[dict[str, Any]],
+    image_size: int,
+    batch_size: int = 256,
+) -> Posteriors:
+    """The moments of every {"key", "image"} example, encoded `batch_size` at a time."""
+    keys: list[str] = []
+    moments: list[torch.Tensor] = []
+    chunk: list[dict[str, Any]] = []
+    device = pipe.vae.device if pipe.vae is not None else torch.device("cpu")
+
+    def flush() -> None:
+        pixels = images_tensor([example["image"] for example in chunk], image_size)
+        moments.append(pipe.image_moments(pixels.to(device)).float().cpu())
+        keys.extend(example["key"] for example in chunk)
+        chunk.clear()
+
+    for example in examples:
+        chunk.append(example)
+        if len(chunk) == batch_size:
+            flush()
+    if chunk:
+        flush()
+    if not keys:
+        raise ValueError("the training set has no images to encode")
+    return Posteriors(keys, torch.cat(moments), fingerprint(pipe, image_size))
+
+
+def posteriors_for(
+    pipe: TextToImagePipeline,
+    examples: Iterable[dict[str, Any]],
+    image_size: int,
+    work: Path | None,
+    log: Log = NO_LOG,
+    write: bool = True,
+) -> Posteriors:
+    """The moments of `examples` (the whole training set), read from `work` when this
+    autoencoder encoded them there, else encoded now and saved there when `write` (one writer
+    per folder under several processes)."""
+    path = Path(work) / FILE if work is not None else None
+    wanted = fingerprint(pipe, image_size)
+    if path is not None and path.is_file():
+        cached = Posteriors.load(path)
+        if cached.fingerprint == wanted:
+            log.info(f"read the posteriors of {len(cached)} training images from {path}")
+            return cached
+        log.info(f"{path} was encoded by another autoencoder: encoding again")
+    start = time.perf_counter()
+    posteriors = encode_posteriors(pipe, examples, image_size)
+    log.info(
+        f"encoded the posteriors of {len(posteriors)} training images once, "
+        f"in {time.perf_counter() - start:.1f} s"
+    )
+    if path is not None and write:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        posteriors.save(path)
+    return posteriors

@@ -1,0 +1,108 @@
+"""The posterior cache (`ml.diffusion.latent_cache`): a cached training step equals one that
+encodes its images, and the cache is encoded again whenever the autoencoder or the training
+data under it changes."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+
+from ml.data.shapeworld import ShapeWorldConfig, generate
+from ml.diffusion.autoencoder import images_tensor
+from ml.diffusion.config import DiffusionConfig
+from ml.diffusion.latent_cache import FILE, Posteriors, encode_posteriors, posteriors_for
+from ml.diffusion.pipeline import build_pipeline
+from ml.diffusion.training import diffusion_loss
+from ml.stage import Inputs
+
+CFG = DiffusionConfig(
+    image_size=16, vocab_size=300, text_dim=16, text_layers=1, text_heads=2, text_ff_dim=32,
+    block_out_channels=(8, 16), cross_attention_levels=1, attention_head_dim=4,
+    norm_num_groups=4, num_train_timesteps=100,
+)  # fmt: skip
+EXAMPLES = [
+    {"key": s.key, "image": s.image, "caption": s.meta["descriptive_caption"]}
+    for s in generate(12, 0, ShapeWorldConfig(image_size=16), "train")
+]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def vae_dir(directory: Path, seed: int) -> Path:
+    """A random 2-level AutoencoderKL (16 px -> 4x8x8 latents), its weights set by `seed`."""
+    torch.manual_seed(seed)
+    AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    ).save_pretrained(directory)
+    return directory
+
+
+class Recording:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def info(self, message: str) -> None:
+        self.lines.append(message)
+
+
+def test_a_cached_step_equals_one_that_encodes_its_images(tmp_path: Path) -> None:
+    pipe = build_pipeline(CFG, [e["caption"] for e in EXAMPLES], vae_dir(tmp_path, 0))
+    cache = encode_posteriors(pipe, EXAMPLES, 16, batch_size=5)  # batches unlike the step's
+    batch = EXAMPLES[7:1:-2]
+    keys, captions = [e["key"] for e in batch], [e["caption"] for e in batch]
+    pixels = images_tensor([e["image"] for e in batch], 16)
+
+    drawn = pipe.draw_latents(cache[keys], torch.Generator().manual_seed(3))
+    encoded = pipe.encode_images(pixels, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(drawn, encoded, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(drawn, pipe.encode_images(pixels, torch.Generator().manual_seed(4)))
+
+    losses = [
+        diffusion_loss(
+            pipe, pipe.unet, pipe.text_encoder, captions, moments, torch.Generator().manual_seed(9)
+        )
+        for moments in (cache[keys], pipe.image_moments(pixels))
+    ]
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+
+
+def test_the_cache_is_read_back_and_encoded_again_for_another_autoencoder(
+    tmp_path: Path,
+) -> None:
+    work, log = tmp_path / "work", Recording()
+    pipe = build_pipeline(CFG, [e["caption"] for e in EXAMPLES], vae_dir(tmp_path / "a", 0))
+    first = posteriors_for(pipe, EXAMPLES, 16, work, log)
+    assert (work / FILE).is_file() and log.lines[-1].startswith("encoded the posteriors of 12")
+
+    again = posteriors_for(pipe, iter(()), 16, work, log)  # read: the examples are not touched
+    assert log.lines[-1].startswith("read the posteriors of 12")
+    assert torch.equal(again.moments, first.moments) and again.index == first.index
+
+    other = build_pipeline(CFG, [e["caption"] for e in EXAMPLES], vae_dir(tmp_path / "b", 1))
+    fresh = posteriors_for(other, EXAMPLES, 16, work, log)
+    assert "another autoencoder" in log.lines[-2]
+    assert not torch.allclose(fresh.moments, first.moments)
+    assert Posteriors.load(work / FILE).fingerprint == fresh.fingerprint != first.fingerprint
+
+
+def test_a_changed_autoencoder_or_blend_gets_its_own_training_folder(tmp_path: Path) -> None:
+    """The stage's checkpoint folder, where the cache lives, is one per input versions: a new
+    autoencoder or blend starts over (a fresh cache and a retrain)."""
+    versions = {"mixed_training_set": "m1", "image_autoencoder": "a1"}
+    folder = Inputs({}, versions, tmp_path).checkpoints(CFG)
+    for changed in ({"image_autoencoder": "a2"}, {"mixed_training_set": "m2"}):
+        assert Inputs({}, versions | changed, tmp_path).checkpoints(CFG) != folder
+    assert Inputs({}, dict(versions), tmp_path).checkpoints(CFG) == folder
+
+
+def test_duplicate_and_unknown_keys_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="appear twice.*'k1'"):
+        Posteriors(["k1", "k2", "k1"], torch.zeros(3, 8, 2, 2), "f")
+    cache = Posteriors(["k1", "k2"], torch.zeros(2, 8, 2, 2), "f")
+    with pytest.raises(KeyError, match="no cached posterior for sample 'k9'"):
+        cache[["k1", "k9"]]
