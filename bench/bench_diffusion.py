@@ -27,7 +27,7 @@ from dalle3_dag.resources import StorageResource
 from ml.data.shapeworld import ShapeWorldConfig, generate
 from ml.diffusion.autoencoder import images_tensor
 from ml.diffusion.config import DiffusionConfig
-from ml.diffusion.pipeline import TextToImagePipeline, build_pipeline
+from ml.diffusion.pipeline import TextToImagePipeline, build_pipeline, encode_prompts
 from ml.diffusion.training import caption_corpus, diffusion_loss
 from ml.eval.oracle import evaluate_prompt_following, single_object_prompts
 from ml.speed_probe import describe, probe
@@ -112,7 +112,8 @@ def bare_loop(cfg: DiffusionConfig, dataset: Scenes, steps: int) -> float:
     start = time.perf_counter()
     for step in range(steps):
         generator = step_generator(cfg.train.seed, step, 0)
-        loss = diffusion_loss(pipe, pipe.unet, pipe.text_encoder, captions, moments, generator)
+        text = encode_prompts(pipe.tokenizer, pipe.text_encoder, captions)
+        loss = diffusion_loss(pipe, pipe.unet, text, moments, generator)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

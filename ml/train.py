@@ -200,7 +200,8 @@ def _load_modules(modules: dict[str, torch.nn.Module], directory: Path) -> None:
 @dataclass
 class TrainResult:
     """How a run went; `curve` holds the logged points ({step, loss, lr}) of all its runs, a
-    resumed one's included, for DVC plots."""
+    resumed one's included, for DVC plots. `seconds` are the steps' own; writing checkpoints
+    took `checkpoint_seconds` more."""
 
     steps: int
     finished: bool
@@ -210,6 +211,13 @@ class TrainResult:
     samples_per_s: float
     processes: int
     curve: list[dict[str, float]] = field(default_factory=list)
+    checkpoint_seconds: float = 0.0
+
+    @property
+    def checkpoint_share(self) -> float:
+        """The share of this run's training time spent writing checkpoints."""
+        total = self.seconds + self.checkpoint_seconds
+        return self.checkpoint_seconds / total if total else 0.0
 
 
 def fused_adamw(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
@@ -294,7 +302,7 @@ def train(
 
     end = cfg.steps if max_steps_this_run is None else min(cfg.steps, start + max_steps_this_run)
     losses: list[float] = []
-    logged, window, total_seconds = start, 0.0, 0.0
+    logged, window, total_seconds, checkpoint_seconds = start, 0.0, 0.0, 0.0
     samples_per_step = cfg.batch_size * accelerator.num_processes
     for step in range(start, end):
         started = time.perf_counter()
@@ -331,7 +339,9 @@ def train(
             })  # fmt: skip
             logged, total_seconds, window = done, total_seconds + window, 0.0
         if work is not None and (done % cfg.checkpoint_every == 0 or done == end):
+            saving = time.perf_counter()
             _save_checkpoint(accelerator, cfg, ema, extra, batches, done, Path(work), curve)
+            checkpoint_seconds += time.perf_counter() - saving
 
     finished = end == cfg.steps
     if finished and ema is not None:
@@ -354,6 +364,7 @@ def train(
         samples_per_s=samples_per_step * len(losses) / total_seconds if total_seconds else 0.0,
         processes=accelerator.num_processes,
         curve=curve,
+        checkpoint_seconds=checkpoint_seconds,
     )
 
 

@@ -207,6 +207,7 @@ def test_training_steps_change_the_weights(manifest: Path, tmp_path: Path) -> No
     )
     result = run_stage(diffusion_model.STAGE, cfg, inputs, tmp_path / "out", log)
     assert result.metadata["steps"] == 2 and result.speed["train_images_per_s"] > 0
+    assert result.speed["checkpoint_share"] > 0  # two checkpoints written, and timed
     # the 20 images' posteriors, encoded once into the run's folder (ml.diffusion.latent_cache)
     assert len(Posteriors.load(inputs.checkpoints(cfg) / latent_cache.FILE)) == 20
     assert result.metadata["latent_shape"] == [4, 8, 8] and result.metadata["image_size"] == 16

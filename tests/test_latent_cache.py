@@ -12,7 +12,7 @@ from ml.data.shapeworld import ShapeWorldConfig, generate
 from ml.diffusion.autoencoder import images_tensor
 from ml.diffusion.config import DiffusionConfig
 from ml.diffusion.latent_cache import FILE, Posteriors, encode_posteriors, posteriors_for
-from ml.diffusion.pipeline import build_pipeline
+from ml.diffusion.pipeline import build_pipeline, encode_prompts
 from ml.diffusion.training import diffusion_loss
 from ml.stage import Inputs
 
@@ -62,10 +62,9 @@ def test_a_cached_step_equals_one_that_encodes_its_images(tmp_path: Path) -> Non
     torch.testing.assert_close(drawn, encoded, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(drawn, pipe.encode_images(pixels, torch.Generator().manual_seed(4)))
 
+    text = encode_prompts(pipe.tokenizer, pipe.text_encoder, captions)
     losses = [
-        diffusion_loss(
-            pipe, pipe.unet, pipe.text_encoder, captions, moments, torch.Generator().manual_seed(9)
-        )
+        diffusion_loss(pipe, pipe.unet, text, moments, torch.Generator().manual_seed(9))
         for moments in (cache[keys], pipe.image_moments(pixels))
     ]
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)

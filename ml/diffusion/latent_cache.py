@@ -88,7 +88,10 @@ def encode_posteriors(
 
     def flush() -> None:
         pixels = images_tensor([example["image"] for example in chunk], image_size)
-        moments.append(pipe.image_moments(pixels.to(device)).float().cpu())
+        # The encoder returns channels-last tensors; the file gives back contiguous ones, and a
+        # posterior draw differs in its last bit between the two layouts: store one layout, so
+        # a resumed run draws what an uninterrupted one does.
+        moments.append(pipe.image_moments(pixels.to(device)).float().cpu().contiguous())
         keys.extend(example["key"] for example in chunk)
         chunk.clear()
 

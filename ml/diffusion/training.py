@@ -13,7 +13,7 @@ from torch.utils.data import IterableDataset
 from ml.data.mixed_dataset import MixedDataset
 from ml.diffusion.config import DiffusionConfig
 from ml.diffusion.latent_cache import Posteriors, posteriors_for
-from ml.diffusion.pipeline import TextToImagePipeline, encode_prompts, predict_noise
+from ml.diffusion.pipeline import TextToImagePipeline, predict_noise
 from ml.stage import NO_LOG, Log
 from ml.train import Streamed, rank_and_world
 from ml.viz import image_grid
@@ -74,16 +74,15 @@ def training_batches(
 def diffusion_loss(
     pipe: TextToImagePipeline,
     unet: torch.nn.Module,
-    text_encoder: torch.nn.Module,
-    captions: list[str],
+    text: tuple[torch.Tensor, torch.Tensor],
     moments: torch.Tensor,
     generator: torch.Generator,
 ) -> torch.Tensor:
-    """The denoising loss of one batch of posterior `moments` (`pipe.image_moments`): MSE
-    between the U-Net's prediction and its target (the noise, or v), at uniformly drawn
-    timesteps.
+    """The denoising loss of one batch of posterior `moments` (`pipe.image_moments`) and its
+    captions' `text` (states, mask) from `encode_prompts`: MSE between the U-Net's prediction
+    and its target (the noise, or v), at uniformly drawn timesteps.
 
-    `unet` and `text_encoder` may be the accelerate-wrapped modules of `pipe`. Every random
+    `unet` may be the accelerate-wrapped module of `pipe`. Every random
     draw (VAE posterior sample, timesteps, noise) comes from the CPU `generator`, in that order,
     so a step's randomness does not depend on the device or on what ran before it.
     """
@@ -92,7 +91,7 @@ def diffusion_loss(
         latents = pipe.draw_latents(moments.to(device), generator).float()
     schedule = pipe.scheduler
     timesteps = torch.randint(
-        0, schedule.config.num_train_timesteps, (len(captions),), generator=generator
+        0, schedule.config.num_train_timesteps, (len(latents),), generator=generator
     ).to(device)
     noise = torch.randn(latents.shape, generator=generator).to(device)
     noisy = schedule.add_noise(latents, noise, timesteps)
@@ -100,10 +99,7 @@ def diffusion_loss(
         target = noise
     else:
         target = schedule.get_velocity(latents, noise, timesteps)
-    trains_text = any(p.requires_grad for p in text_encoder.parameters())
-    with torch.set_grad_enabled(trains_text):
-        text_states, text_mask = encode_prompts(pipe.tokenizer, text_encoder, captions)
-    prediction = predict_noise(unet, noisy, timesteps, text_states, text_mask)
+    prediction = predict_noise(unet, noisy, timesteps, *text)
     return F.mse_loss(prediction.float(), target.float())
 
 

@@ -51,7 +51,9 @@ def train_model(
     `MixedDataset` or any dataset with `set_epoch` yielding {"key", "image", "caption"}; in
     the latent space of the autoencoder in `vae_dir`, or in pixel space without one. `keep`
     maps steps to folders where the pipeline with that step's EMA weights is saved."""
-    from ml.diffusion.pipeline import build_pipeline
+    import torch
+
+    from ml.diffusion.pipeline import build_pipeline, encode_prompts
     from ml.diffusion.training import (
         caption_corpus,
         diffusion_loss,
@@ -69,7 +71,9 @@ def train_model(
     def loss_fn(modules: list[Any], batch: Any, generator: Any) -> Any:
         captions, moments = batch
         text_encoder = modules[1] if cfg.train_text_encoder else pipe.text_encoder
-        return diffusion_loss(pipe, modules[0], text_encoder, captions, moments, generator)
+        with torch.set_grad_enabled(cfg.train_text_encoder):
+            text = encode_prompts(pipe.tokenizer, text_encoder, captions)
+        return diffusion_loss(pipe, modules[0], text, moments, generator)
 
     def after_step(step: int, ema_weights: Any) -> None:
         if cfg.sample_every and step % cfg.sample_every == 0:
@@ -105,7 +109,10 @@ def run(cfg: DiffusionConfig, inputs: Inputs, out: Path, log: Log) -> StageResul
     grid.save(out / GRID)
     return StageResult(
         metrics=scores,
-        speed={"train_images_per_s": result.samples_per_s},
+        speed={
+            "train_images_per_s": result.samples_per_s,
+            "checkpoint_share": result.checkpoint_share,
+        },
         metadata={
             "steps": result.steps,
             "resumed_from_step": result.resumed_from,

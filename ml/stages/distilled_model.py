@@ -52,7 +52,10 @@ def run(cfg: DistillConfig, inputs: Inputs, out: Path, log: Log) -> StageResult:
     both = image_grid([Image.open(teacher_dir / GRID), grid], cols=1, pad=0)
     return StageResult(
         metrics=scores,
-        speed={"distill_images_per_s": result.samples_per_s},
+        speed={
+            "distill_images_per_s": result.samples_per_s,
+            "checkpoint_share": result.checkpoint_share,
+        },
         metadata={
             "steps": result.steps,
             "resumed_from_step": result.resumed_from,
