@@ -3,6 +3,7 @@ alone, and a text-to-image model trained on its latents, outside the graph.
 
     python bench/bench_latent.py autoencoder --out DIR [--steps 4000] [--latent-channels 16]
     python bench/bench_latent.py t2i --vae DIR --out DIR [--steps 3000] [--captions fresh]
+        [--text-encoder DIR]
 
 `autoencoder` trains on ShapeWorld's 4096 train renders (raw_pairs' seed and split) and prints
 the wall time, PSNR on 512 eval renders and the oracle's per-category accuracy on the 224
@@ -11,9 +12,11 @@ same renders conditioned on their ground truth: `fresh`, a descriptive caption p
 epoch (the upper bound of what a captioner gives); `fixed`, one per image, as a recaptioned
 dataset holds; `structured`, the scene graph as tokens (background, then colour, shape, size
 and cell of each object: the upper bound of what the U-Net draws at this budget, with no
-language to learn). It prints the held-out prompts' scores (the 224 of 7 categories, each asked
-in the model's own conditioning), single-object colour / position from the "position" ones,
-with 95% intervals. One JSON line each, after the speed probe.
+language to learn). The text encoder is trained with the U-Net, or with `--text-encoder` the
+T5 folder given, frozen (`bench/bench_text_encoder.py` pretrains one). It prints the held-out
+prompts' scores (the 224 of 7 categories, each asked in the model's own conditioning),
+single-object colour / position from the "position" ones, with 95% intervals. One JSON line
+each, after the speed probe.
 """
 
 import argparse
@@ -127,7 +130,9 @@ def autoencoder(args: argparse.Namespace) -> dict:
 
 
 def t2i(args: argparse.Namespace) -> dict:
+    frozen = {"text_encoder_path": str(args.text_encoder), "train_text_encoder": False}
     cfg = DiffusionConfig(
+        **(frozen if args.text_encoder else {}),
         cross_attention_levels=args.cross_attention, sample_every=0,
         train=TrainConfig(steps=args.steps, batch_size=32, lr=2e-3, warmup_steps=50,
                           ema_decay=0.995, log_every=10, checkpoint_every=args.steps),
@@ -139,7 +144,8 @@ def t2i(args: argparse.Namespace) -> dict:
     pipe.save_pretrained(args.out)
     scores = held_out_scores(pipe, args.captions, args.guidance)
     return {
-        "captions": args.captions, "steps": args.steps, "wall_s": round(wall),
+        "captions": args.captions, "text_encoder": str(args.text_encoder or "joint"),
+        "steps": args.steps, "wall_s": round(wall),
         "images_per_s": round(result.samples_per_s, 1), "image_size": pipe.image_size,
         **{k: round(v, 3) for k, v in scores.items() if k.endswith(("_accuracy", "_low", "_high"))},
     }  # fmt: skip
@@ -158,6 +164,7 @@ def main() -> None:
     model.add_argument("--cross-attention", type=int, default=3)
     model.add_argument("--guidance", type=float, default=3.0)
     model.add_argument("--captions", choices=("fresh", "fixed", "structured"), default="fresh")
+    model.add_argument("--text-encoder", type=Path, help="a T5 folder, frozen (default: joint)")
     for each in (ae, model):
         each.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()

@@ -10,10 +10,10 @@ same FLOPs as the trained one), or the folder `--vae`.
 
 1. uncached: each step turns its images into tensors and runs the autoencoder's encoder (main
    before the posterior cache);
-2. posterior cache (`ml.diffusion.latent_cache`), the text encoder trained jointly (main);
+2. posterior cache (`ml.diffusion.caches`), the text encoder trained jointly (main);
 3. posterior cache, the text encoder frozen, its states computed each step;
-4. posterior cache, the text encoder frozen, its states computed once per distinct caption
-   before training;
+4. posterior cache, the text encoder frozen, its states cached per distinct caption
+   (`ml.diffusion.caches.TextStates`, filled with the epoch's captions first: the steady state);
 5. as 4, with `attention_head_dim` 2 (2 heads of width 16-32, not 8 of width 4-8).
 Rows 3-5 show what a frozen pretrained encoder and wider heads would add; their speed-ups over
 row 1 are printed last.
@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn.utils.rnn import pad_sequence
 
 from dalle3_dag.project import load_params
 from ml.config import build_config
@@ -38,9 +37,9 @@ from ml.data.recaption import recaption_shard
 from ml.data.shapeworld import ShapeWorldConfig, generate
 from ml.data.shards import write_shards
 from ml.diffusion.autoencoder import build_autoencoder, images_tensor
+from ml.diffusion.caches import TextStates, encode_posteriors
 from ml.diffusion.config import AutoencoderConfig, DiffusionConfig
-from ml.diffusion.latent_cache import encode_posteriors
-from ml.diffusion.pipeline import TextToImagePipeline, build_pipeline, encode_prompts
+from ml.diffusion.pipeline import build_pipeline, encode_prompts
 from ml.diffusion.training import caption_corpus, diffusion_loss, whole_epoch
 from ml.speed_probe import describe, probe
 from ml.train import Streamed, fused_adamw, step_generator
@@ -68,27 +67,6 @@ def training_set(root: Path, n: int = 4096) -> MixedDataset:
     return MixedDataset(MixManifest.load(root / "manifest.json"))
 
 
-class TextStates:
-    """A frozen encoder's states per distinct caption, padded per batch as `encode_prompts`."""
-
-    def __init__(self, pipe: TextToImagePipeline) -> None:
-        self.pipe, self.states = pipe, {}
-
-    @torch.no_grad()
-    def encode(self, captions: list[str], batch_size: int = 256) -> None:
-        for start in range(0, len(captions), batch_size):
-            batch = captions[start : start + batch_size]
-            states, mask = encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, batch)
-            for caption, row, length in zip(batch, states, mask.sum(1).tolist(), strict=True):
-                self.states[caption] = row[:length]
-
-    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        self.encode(sorted(set(captions) - self.states.keys()))
-        rows = [self.states[c] for c in captions]
-        mask = pad_sequence([torch.ones(len(r), dtype=torch.long) for r in rows], batch_first=True)
-        return pad_sequence(rows, batch_first=True), mask
-
-
 def stepper(
     cfg: DiffusionConfig, dataset: MixedDataset, vae: Path, heads: int, trains_text: bool, mode: str
 ) -> Callable[[int], float]:
@@ -99,9 +77,11 @@ def stepper(
     params = [p for m in (pipe.unet, pipe.text_encoder) for p in m.parameters() if p.requires_grad]
     optimizer = fused_adamw(params, cfg.train)
     posteriors = encode_posteriors(pipe, whole_epoch(dataset), cfg.image_size)
-    cached_text = TextStates(pipe)
-    if mode == "text":  # once per training set, before the first step
-        cached_text.encode(sorted({"", *caption_corpus(dataset)}))
+    cached_text = TextStates(pipe, capacity=50_000) if mode == "text" else None
+    if cached_text is not None:  # every caption of the epoch first: the steady state
+        corpus = sorted({"", *caption_corpus(dataset)})
+        for start in range(0, len(corpus), 256):
+            cached_text(corpus[start : start + 256])
 
     def make(examples: list[dict[str, Any]], generator: torch.Generator) -> Any:
         captions = [example["caption"] for example in examples]

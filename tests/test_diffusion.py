@@ -19,7 +19,8 @@ from ml.data.mixed_dataset import MixedDataset
 from ml.data.recaption import recaption_shard
 from ml.data.shapeworld import ShapeWorldConfig, generate
 from ml.data.shards import write_shards
-from ml.diffusion import latent_cache
+from ml.diffusion import caches
+from ml.diffusion.caches import Posteriors
 from ml.diffusion.config import DiffusionConfig, DistillConfig
 from ml.diffusion.distill import (
     NoiseSchedule,
@@ -27,7 +28,6 @@ from ml.diffusion.distill import (
     consistency_function,
     distill,
 )
-from ml.diffusion.latent_cache import Posteriors
 from ml.diffusion.pipeline import (
     TextToImagePipeline,
     build_pipeline,
@@ -208,8 +208,8 @@ def test_training_steps_change_the_weights(manifest: Path, tmp_path: Path) -> No
     result = run_stage(diffusion_model.STAGE, cfg, inputs, tmp_path / "out", log)
     assert result.metadata["steps"] == 2 and result.speed["train_images_per_s"] > 0
     assert result.speed["checkpoint_share"] > 0  # two checkpoints written, and timed
-    # the 20 images' posteriors, encoded once into the run's folder (ml.diffusion.latent_cache)
-    assert len(Posteriors.load(inputs.checkpoints(cfg) / latent_cache.FILE)) == 20
+    # the 20 images' posteriors, encoded once into the run's folder (ml.diffusion.caches)
+    assert len(Posteriors.load(inputs.checkpoints(cfg) / caches.POSTERIORS)) == 20
     assert result.metadata["latent_shape"] == [4, 8, 8] and result.metadata["image_size"] == 16
     asked = {"color_accuracy", "color_low", "color_high", "two_object_accuracy"}
     assert asked | {"two_object_low", "short_color_accuracy"} <= result.metrics.keys()

@@ -58,6 +58,7 @@ class DiffusionConfig:
     text_heads: int = 4
     text_ff_dim: int = 256
     max_text_length: int = 128  # tokens; bytes for ByT5, which covers a toy DSC caption
+    text_cache_size: int = 50_000  # captions whose frozen encoder's states are kept; 0: none
     # U-Net
     block_out_channels: tuple[int, ...] = (32, 64, 64)
     layers_per_block: int = 2
@@ -85,7 +86,7 @@ class DiffusionConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("num_workers", "sample_every"):
+        for name in ("num_workers", "sample_every", "text_cache_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if len(self.block_out_channels) < 2:
@@ -163,6 +164,7 @@ class DistillConfig:
     target_ema_decay: float = 0.95
     huber_c: float = 0.001
     timestep_scaling: float = 10.0  # sharpens the boundary scalings around t = 0, as in LCM
+    text_cache_size: int = 50_000  # captions whose (frozen) teacher states are kept; 0: none
     train: TrainConfig = field(default_factory=_toy_distill)
     eval: PromptFollowingConfig = field(
         default_factory=lambda: PromptFollowingConfig(sampling_steps=2)

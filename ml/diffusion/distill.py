@@ -26,8 +26,9 @@ import torch
 from diffusers import LCMScheduler, UNet2DConditionModel
 from torch.utils.data import IterableDataset
 
+from ml.diffusion.caches import TextStates
 from ml.diffusion.config import DistillConfig
-from ml.diffusion.pipeline import TextToImagePipeline, encode_prompts, guided, predict_noise
+from ml.diffusion.pipeline import TextToImagePipeline, guided, predict_noise
 from ml.diffusion.training import training_batches
 from ml.stage import NO_LOG, Log
 from ml.train import TrainResult, train
@@ -130,6 +131,7 @@ def distill(
     target = copy.deepcopy(student).requires_grad_(False)
     skip = teacher.scheduler.config.num_train_timesteps // cfg.num_ddim_timesteps
     solver_timesteps = (torch.arange(1, cfg.num_ddim_timesteps + 1) * skip - 1).to(device)
+    teacher_text = TextStates(teacher, cfg.text_cache_size)
 
     def loss_fn(
         modules: list[torch.nn.Module],
@@ -151,9 +153,7 @@ def distill(
             guidance = scale.to(device)
             # [unconditional; conditional] in one call; the conditional half pads to its own
             # longest caption, so the student reads exactly what it would read alone.
-            states, mask = encode_prompts(
-                teacher.tokenizer, teacher.text_encoder, [""] * n + captions
-            )
+            states, mask = teacher_text([""] * n + captions)
             text = (states[n:], mask[n:])
             output = predict_noise(
                 teacher.unet, torch.cat([noisy] * 2), torch.cat([start] * 2), states, mask

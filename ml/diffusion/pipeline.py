@@ -182,7 +182,7 @@ class TextToImagePipeline(DiffusionPipeline):
     def image_moments(self, pixels: torch.Tensor) -> torch.Tensor:
         """What `draw_latents` draws from: the VAE posterior's mean and log-variance stacked on
         the channels, or the pixels without a VAE. Deterministic, so training computes it once
-        per image (`ml.diffusion.latent_cache`)."""
+        per image (`ml.diffusion.caches`)."""
         if self.vae is None:
             return pixels
         return self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.parameters

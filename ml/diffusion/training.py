@@ -11,8 +11,8 @@ from torch.nn import functional as F
 from torch.utils.data import IterableDataset
 
 from ml.data.mixed_dataset import MixedDataset
+from ml.diffusion.caches import Posteriors, posteriors_for
 from ml.diffusion.config import DiffusionConfig
-from ml.diffusion.latent_cache import Posteriors, posteriors_for
 from ml.diffusion.pipeline import TextToImagePipeline, predict_noise
 from ml.stage import NO_LOG, Log
 from ml.train import Streamed, rank_and_world
@@ -60,7 +60,7 @@ def training_batches(
     num_workers: int = 0,
 ) -> Streamed:
     """Batches of `dataset` (yielding {"key", "image", "caption"}) for `make_batch`, its
-    images' posteriors encoded once (`ml.diffusion.latent_cache`, kept in `work`)."""
+    images' posteriors encoded once (`ml.diffusion.caches`, kept in `work`)."""
     writer = rank_and_world()[0] == 0
     posteriors = posteriors_for(pipe, whole_epoch(dataset), pipe.image_size, work, log, writer)
     return Streamed(

@@ -51,8 +51,7 @@ def train_model(
     `MixedDataset` or any dataset with `set_epoch` yielding {"key", "image", "caption"}; in
     the latent space of the autoencoder in `vae_dir`, or in pixel space without one. `keep`
     maps steps to folders where the pipeline with that step's EMA weights is saved."""
-    import torch
-
+    from ml.diffusion.caches import TextStates
     from ml.diffusion.pipeline import build_pipeline, encode_prompts
     from ml.diffusion.training import (
         caption_corpus,
@@ -67,12 +66,14 @@ def train_model(
     pipe.set_progress_bar_config(disable=True)
     trained = [pipe.unet] + ([pipe.text_encoder] if cfg.train_text_encoder else [])
     pipe.to(device())
+    frozen_text = None if cfg.train_text_encoder else TextStates(pipe, cfg.text_cache_size)
 
     def loss_fn(modules: list[Any], batch: Any, generator: Any) -> Any:
         captions, moments = batch
-        text_encoder = modules[1] if cfg.train_text_encoder else pipe.text_encoder
-        with torch.set_grad_enabled(cfg.train_text_encoder):
-            text = encode_prompts(pipe.tokenizer, text_encoder, captions)
+        if cfg.train_text_encoder:
+            text = encode_prompts(pipe.tokenizer, modules[1], captions)
+        else:
+            text = frozen_text(captions)
         return diffusion_loss(pipe, modules[0], text, moments, generator)
 
     def after_step(step: int, ema_weights: Any) -> None:

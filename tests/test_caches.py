@@ -1,7 +1,8 @@
-"""The posterior cache (`ml.diffusion.latent_cache`): a cached training step equals one that
+"""The posterior cache (`ml.diffusion.caches`): a cached training step equals one that
 encodes its images, and the cache is encoded again whenever the autoencoder or the training
 data under it changes."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,14 @@ from diffusers import AutoencoderKL
 
 from ml.data.shapeworld import ShapeWorldConfig, generate
 from ml.diffusion.autoencoder import images_tensor
+from ml.diffusion.caches import (
+    POSTERIORS,
+    Posteriors,
+    TextStates,
+    encode_posteriors,
+    posteriors_for,
+)
 from ml.diffusion.config import DiffusionConfig
-from ml.diffusion.latent_cache import FILE, Posteriors, encode_posteriors, posteriors_for
 from ml.diffusion.pipeline import build_pipeline, encode_prompts
 from ml.diffusion.training import diffusion_loss
 from ml.stage import Inputs
@@ -76,7 +83,8 @@ def test_the_cache_is_read_back_and_encoded_again_for_another_autoencoder(
     work, log = tmp_path / "work", Recording()
     pipe = build_pipeline(CFG, [e["caption"] for e in EXAMPLES], vae_dir(tmp_path / "a", 0))
     first = posteriors_for(pipe, EXAMPLES, 16, work, log)
-    assert (work / FILE).is_file() and log.lines[-1].startswith("encoded the posteriors of 12")
+    assert (work / POSTERIORS).is_file()
+    assert log.lines[-1].startswith("encoded the posteriors of 12")
 
     again = posteriors_for(pipe, iter(()), 16, work, log)  # read: the examples are not touched
     assert log.lines[-1].startswith("read the posteriors of 12")
@@ -86,7 +94,7 @@ def test_the_cache_is_read_back_and_encoded_again_for_another_autoencoder(
     fresh = posteriors_for(other, EXAMPLES, 16, work, log)
     assert "another autoencoder" in log.lines[-2]
     assert not torch.allclose(fresh.moments, first.moments)
-    assert Posteriors.load(work / FILE).fingerprint == fresh.fingerprint != first.fingerprint
+    assert Posteriors.load(work / POSTERIORS).fingerprint == fresh.fingerprint != first.fingerprint
 
 
 def test_a_changed_autoencoder_or_blend_gets_its_own_training_folder(tmp_path: Path) -> None:
@@ -105,3 +113,34 @@ def test_duplicate_and_unknown_keys_are_named(tmp_path: Path) -> None:
     cache = Posteriors(["k1", "k2"], torch.zeros(2, 8, 2, 2), "f")
     with pytest.raises(KeyError, match="no cached posterior for sample 'k9'"):
         cache[["k1", "k9"]]
+
+
+def test_cached_text_states_give_the_step_what_encoding_the_batch_gives(tmp_path: Path) -> None:
+    frozen = replace(CFG, train_text_encoder=False)
+    pipe = build_pipeline(frozen, [e["caption"] for e in EXAMPLES], vae_dir(tmp_path, 0))
+    cache = TextStates(pipe, capacity=4)
+    captions = [EXAMPLES[0]["caption"], "", "a red circle", EXAMPLES[0]["caption"]]
+    for _ in range(2):  # encoded, then read back
+        states, mask = cache(captions)
+        expected_states, expected_mask = encode_prompts(pipe.tokenizer, pipe.text_encoder, captions)
+        assert torch.equal(mask, expected_mask)
+        real = mask.bool()
+        torch.testing.assert_close(states[real], expected_states[real], rtol=1e-5, atol=1e-5)
+    assert len(cache.states) == 3
+    moments = encode_posteriors(pipe, EXAMPLES[:4], 16).moments
+    losses = [
+        diffusion_loss(pipe, pipe.unet, text, moments, torch.Generator().manual_seed(2))
+        for text in (cache(captions), (expected_states, expected_mask))
+    ]
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+
+    cache(["a blue square", "a green star"])  # beyond capacity: the oldest goes
+    assert len(cache.states) == 4 and "a blue square" in cache.states
+    for capacity in (0, 2):  # none kept, or fewer than one batch's distinct captions
+        small = TextStates(pipe, capacity)
+        assert torch.equal(small(captions)[1], expected_mask)
+        assert len(small.states) == capacity
+
+    pipe.text_encoder.requires_grad_(True)
+    with pytest.raises(ValueError, match="frozen"):
+        TextStates(pipe, capacity=4)

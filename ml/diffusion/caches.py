@@ -1,15 +1,20 @@
-"""The frozen autoencoder's posterior of every training image, encoded once per training run.
+"""What a training step reads instead of recomputing it from frozen models.
 
-A training step looks up its batch's posterior moments by sample key and draws its latents
-with its own generator (`TextToImagePipeline.draw_latents`): the draw re-encoding the pixels
-would give, without the encoder's forward pass each step. The file lives in the run's
-checkpoint folder, already one per (config, input versions) (`ml.stage.Inputs.checkpoints`),
-and records the autoencoder it came from, so a folder reused with another one re-encodes.
+`Posteriors`: the frozen autoencoder's posterior of every training image, encoded once per
+training run. A step looks up its batch's moments by sample key and draws its latents with its
+own generator (`TextToImagePipeline.draw_latents`): the draw re-encoding the pixels would give,
+without the encoder's forward pass each step. The file lives in the run's checkpoint folder,
+already one per (config, input versions) (`ml.stage.Inputs.checkpoints`), and records the
+autoencoder it came from, so a folder reused with another one re-encodes.
+
+`TextStates`: a frozen text encoder's states per distinct caption, kept in memory as captions
+recur (each is seen once per epoch), up to a bound.
 """
 
 import hashlib
 import json
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,11 +24,11 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from ml.diffusion.autoencoder import images_tensor
-from ml.diffusion.pipeline import TextToImagePipeline
+from ml.diffusion.pipeline import TextToImagePipeline, encode_prompts
 from ml.files import write_atomic
 from ml.stage import NO_LOG, Log
 
-FILE = "posteriors.safetensors"
+POSTERIORS = "posteriors.safetensors"
 
 
 class Posteriors:
@@ -117,7 +122,7 @@ def posteriors_for(
     """The moments of `examples` (the whole training set), read from `work` when this
     autoencoder encoded them there, else encoded now and saved there when `write` (one writer
     per folder under several processes)."""
-    path = Path(work) / FILE if work is not None else None
+    path = Path(work) / POSTERIORS if work is not None else None
     wanted = fingerprint(pipe, image_size)
     if path is not None and path.is_file():
         cached = Posteriors.load(path)
@@ -135,3 +140,41 @@ def posteriors_for(
         path.parent.mkdir(parents=True, exist_ok=True)
         posteriors.save(path)
     return posteriors
+
+
+class TextStates:
+    """`encode_prompts` for a frozen encoder, each distinct caption encoded once and alone: its
+    states are then a function of the caption, not of the batch it first came in, so a resumed
+    run reads what an uninterrupted one does. The oldest are dropped beyond `capacity`
+    captions; with 0 every batch is encoded as it comes. A batch is padded to its longest
+    caption, with the mask `encode_prompts` gives; the encoder masks padding, so the states
+    of a caption's tokens are those of its batch's encoding, to rounding."""
+
+    def __init__(self, pipe: TextToImagePipeline, capacity: int) -> None:
+        if any(p.requires_grad for p in pipe.text_encoder.parameters()):
+            raise ValueError("only a frozen text encoder's states can be cached")
+        self.pipe, self.capacity = pipe, capacity
+        self.states: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    @torch.no_grad()
+    def __call__(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.capacity == 0:
+            return encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, captions)
+        found = {}
+        for caption in dict.fromkeys(captions):
+            if caption in self.states:
+                found[caption] = self.states[caption]
+                continue
+            states, _ = encode_prompts(self.pipe.tokenizer, self.pipe.text_encoder, [caption])
+            found[caption] = states[0]
+            if len(self.states) >= self.capacity:
+                self.states.popitem(last=False)
+            self.states[caption] = found[caption]
+        rows = [found[caption] for caption in captions]
+        width = max(len(row) for row in rows)
+        padded = rows[0].new_zeros(len(rows), width, rows[0].shape[-1])
+        mask = torch.zeros(len(rows), width, dtype=torch.long, device=rows[0].device)
+        for i, row in enumerate(rows):
+            padded[i, : len(row)] = row
+            mask[i, : len(row)] = 1
+        return padded, mask
