@@ -2,14 +2,16 @@
 
     python bench/bench_text_encoder.py --out DIR [--steps 3000] [--samples 8192] [--joint DIR]
 
-Pretrains the toy T5 on the world's text (`ml.diffusion.text_pretraining`: alt-texts, short and
-descriptive captions of `--samples` train-split scenes; never the eval split) and saves its
-encoder and tokenizer to DIR in T5's layout (what `--text-encoder` of `bench_latent.py t2i` and
-`text_encoder_path` load). Then probes each encoder's masked-mean states with a logistic
-regression fitted on one-object train-split captions and scored on eval-split ones: the
-object's colour, shape and cell (chance 1/7 or less, 1/3, 1/9). Encoders: the same T5 at its
-random initialisation; the pretrained one; with `--joint`, the text encoder of a trained
-pipeline folder (trained with the U-Net, today's recipe). One JSON line each.
+Pretrains the toy T5 (unless DIR holds one) on the world's text
+(`ml.diffusion.text_pretraining`: alt-texts, short and descriptive captions of `--samples`
+train-split scenes; never the eval split) and saves its encoder and tokenizer to DIR in T5's
+layout (what `--text-encoder` of `bench_latent.py t2i` and `text_encoder_path` load). Then
+probes each encoder's masked-mean states with a logistic regression fitted on train-split
+captions and scored on eval-split ones: a one-object caption's colour, shape and cell; a
+two-object caption's binding (`two_objects`), beside the same regression on word counts (what
+needs no encoder). Encoders: the same T5 at its random initialisation; the pretrained one;
+with `--joint`, the text encoder of a trained pipeline folder (trained with the U-Net, today's
+recipe). One JSON line each.
 """
 
 import argparse
@@ -18,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from sklearn.feature_extraction.text import CountVectorizer
 from sklearn.linear_model import LogisticRegression
 from transformers import AutoTokenizer, T5EncoderModel
 
@@ -34,6 +37,33 @@ from ml.speed_probe import describe, probe
 from ml.stage import ConsoleLog
 
 ASKED = ("color", "shape", "position")
+
+
+def two_objects(split: str, n: int) -> tuple[list[str], dict[str, list[str]]]:
+    """Descriptive captions of two-object scenes whose objects differ in shape and colour,
+    answered by the colour of the object whose shape sorts first: a bag of words holds both
+    colours and both shapes but not which goes with which (binding)."""
+    captions, answers = [], {"binding": []}
+    for sample in generate(12 * n, 0, ShapeWorldConfig(), split):
+        objects = Scene.from_dict(sample.meta["scene"]).objects
+        if len(objects) != 2 or len(captions) == n:
+            continue
+        a, b = sorted(objects, key=lambda o: o.shape)
+        if a.shape != b.shape and a.color != b.color:
+            captions.append(sample.meta["descriptive_caption"])
+            answers["binding"].append(a.color)
+    return captions, answers
+
+
+def bag_of_words(train, test) -> dict[str, float]:
+    """The same logistic regression on word counts: what a probe reads without any encoder."""
+    words = CountVectorizer().fit(train[0])
+    x_train, x_test = words.transform(train[0]), words.transform(test[0])
+    return {
+        what: round(float(LogisticRegression(max_iter=2000).fit(x_train, labels)
+                          .score(x_test, test[1][what])), 3)
+        for what, labels in train[1].items()
+    }  # fmt: skip
 
 
 def one_object(split: str, n: int) -> tuple[list[str], dict[str, list[str]]]:
@@ -62,7 +92,7 @@ def probe_scores(encoder: T5EncoderModel, tokenizer, train, test) -> dict[str, f
     encoder.eval()
     x_train, x_test = pooled(encoder, tokenizer, train[0]), pooled(encoder, tokenizer, test[0])
     scores = {}
-    for what in ASKED:
+    for what in train[1]:
         fit = LogisticRegression(max_iter=2000).fit(x_train.numpy(), train[1][what])
         scores[what] = round(float(fit.score(x_test.numpy(), test[1][what])), 3)
     return scores
@@ -80,16 +110,28 @@ def main() -> None:
     cfg = TextPretrainConfig()
     cfg.train.steps = args.steps
     texts = world_text(list(generate(args.samples, 0, ShapeWorldConfig(), "train")))
-    start = time.time()
-    encoder, tokenizer, result = pretrain_text_encoder(texts, cfg, ConsoleLog(args.out / "log"))
-    save_text_encoder(encoder, tokenizer, args.out)
-    print(json.dumps({
-        "pretrained": str(args.out), "texts": len(texts), "steps": result.steps,
-        "wall_s": round(time.time() - start), "final_loss": round(result.final_loss, 3),
-    }))  # fmt: skip
+    if not (args.out / "config.json").is_file():
+        start = time.time()
+        log = ConsoleLog(args.out / "log")
+        encoder, tokenizer, result = pretrain_text_encoder(texts, cfg, log)
+        save_text_encoder(encoder, tokenizer, args.out)
+        print(json.dumps({
+            "pretrained": str(args.out), "texts": len(texts), "steps": result.steps,
+            "wall_s": round(time.time() - start), "final_loss": round(result.final_loss, 3),
+        }))  # fmt: skip
 
-    train, test = one_object("train", 2048), one_object("eval", 512)
-    random_init = T5EncoderModel(encoder.config)
+    probes = {
+        "one object": (one_object("train", 2048), one_object("eval", 512)),
+        "two objects": (two_objects("train", 2048), two_objects("eval", 512)),
+    }
+    for name, (train, test) in probes.items():
+        print(
+            json.dumps(
+                {"encoder": "none (bag of words)", "probe": name, **bag_of_words(train, test)}
+            )
+        )
+    torch.manual_seed(0)
+    random_init = T5EncoderModel(T5EncoderModel.from_pretrained(args.out).config)
     encoders = {"random init": (random_init, build_tokenizer(texts, cfg))}
     encoders["pretrained"] = (
         T5EncoderModel.from_pretrained(args.out),
@@ -101,7 +143,9 @@ def main() -> None:
             AutoTokenizer.from_pretrained(args.joint / "tokenizer"),
         )
     for name, (model, tok) in encoders.items():
-        print(json.dumps({"encoder": name, **probe_scores(model, tok, train, test)}))
+        for probe_name, (train, test) in probes.items():
+            scores = probe_scores(model, tok, train, test)
+            print(json.dumps({"encoder": name, "probe": probe_name, **scores}))
 
 
 if __name__ == "__main__":
