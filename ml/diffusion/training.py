@@ -1,6 +1,7 @@
 """What the diffusion model and its student train on: batches of blended captions and the
 images' cached posteriors, the denoising loss, and the sample grids that show training go."""
 
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from ml.diffusion.caches import Posteriors, posteriors_for
 from ml.diffusion.config import DiffusionConfig
 from ml.diffusion.pipeline import TextToImagePipeline, predict_noise
 from ml.stage import NO_LOG, Log
-from ml.train import Streamed, rank_and_world
+from ml.train import Streamed
 from ml.viz import image_grid
 
 
@@ -61,7 +62,9 @@ def training_batches(
 ) -> Streamed:
     """Batches of `dataset` (yielding {"key", "image", "caption"}) for `make_batch`, its
     images' posteriors encoded once (`ml.diffusion.caches`, kept in `work`)."""
-    writer = rank_and_world()[0] == 0
+    # Read from the launcher's environment: asking accelerate before the training loop builds
+    # its Accelerator would fix its process state too early, as a single process.
+    writer = int(os.environ.get("RANK", "0")) == 0
     posteriors = posteriors_for(pipe, whole_epoch(dataset), pipe.image_size, work, log, writer)
     return Streamed(
         dataset,
