@@ -8,10 +8,12 @@ included, so captions keep their capitals and quoted words.
 
 from collections.abc import Iterable
 
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+IGNORE = -100  # cross_entropy's ignore_index: label positions the loss skips
 
 
 def train_tokenizer(corpus: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
@@ -43,3 +45,12 @@ def caption_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedToken
         special_tokens=[(tokenizer.eos_token, tokenizer.eos_token_id)],
     )
     return tokenizer
+
+
+def pad_rows(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows right-padded to the longest, and their attention mask."""
+    ids = torch.full((len(rows), max(len(r) for r in rows)), pad)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
+    return ids, mask

@@ -148,6 +148,13 @@ class Streamed:
             self.epoch, self.offset = self.epoch + 1, 0
 
 
+def model_loss(modules: Sequence[torch.nn.Module], batch: dict[str, torch.Tensor], _: Any) -> Any:
+    """A `loss_fn` for a transformers model that computes its own loss from a batch of its
+    keyword inputs, labels included (a T5 trained by teacher forcing)."""
+    device = next(modules[0].parameters()).device
+    return modules[0](**{k: v.to(device) for k, v in batch.items()}).loss
+
+
 # --- checkpoints ------------------------------------------------------------------------------
 
 

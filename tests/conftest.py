@@ -19,6 +19,26 @@ from ml.data.shapeworld import ShapeWorldConfig, generate
 from ml.data.shards import write_shards
 
 
+def tiny_vae(directory: Path, seed: int = 0) -> Path:
+    """A random 2-level AutoencoderKL (16 px -> 4x8x8 latents) saved in `directory`, its weights
+    set by `seed` alone."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            block_out_channels=(8, 16),
+            latent_channels=4,
+            norm_num_groups=4,
+            sample_size=16,
+        )
+    vae.save_pretrained(directory)
+    return directory
+
+
 class RecordingLog:
     """An `ml.stage.Log` that keeps what a stage reports."""
 
@@ -55,6 +75,7 @@ def s3_server() -> Iterator[str]:
 REPO = Path(__file__).resolve().parents[1]
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["DVC_NO_ANALYTICS"] = "1"
+
 
 @pytest.fixture
 def one_thread() -> Iterator[None]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import AutoencoderKL
+from conftest import tiny_vae
 
 from ml.data.shapeworld import ShapeWorldConfig, generate
 from ml.diffusion.autoencoder import images_tensor
@@ -35,20 +35,6 @@ EXAMPLES = [
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def vae_dir(directory: Path, seed: int) -> Path:
-    """A random 2-level AutoencoderKL (16 px -> 4x8x8 latents), its weights set by `seed`."""
-    torch.manual_seed(seed)
-    AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
-    ).save_pretrained(directory)
-    return directory
-
-
 class Recording:
     def __init__(self) -> None:
         self.lines: list[str] = []
@@ -58,7 +44,7 @@ class Recording:
 
 
 def test_a_cached_step_equals_one_that_encodes_its_images(tmp_path: Path) -> None:
-    pipe = build_pipeline(CFG, [e["caption"] for e in EXAMPLES], vae_dir(tmp_path, 0))
+    pipe = build_pipeline(CFG, [e["caption"] for e in EXAMPLES], tiny_vae(tmp_path, 0))
     cache = encode_posteriors(pipe, EXAMPLES, 16, batch_size=5)  # batches unlike the step's
     batch = EXAMPLES[7:1:-2]
     keys, captions = [e["key"] for e in batch], [e["caption"] for e in batch]
@@ -81,7 +67,7 @@ def test_the_cache_is_read_back_and_encoded_again_for_another_autoencoder(
     tmp_path: Path,
 ) -> None:
     work, log = tmp_path / "work", Recording()
-    pipe = build_pipeline(CFG, [e["caption"] for e in EXAMPLES], vae_dir(tmp_path / "a", 0))
+    pipe = build_pipeline(CFG, [e["caption"] for e in EXAMPLES], tiny_vae(tmp_path / "a", 0))
     first = posteriors_for(pipe, EXAMPLES, 16, work, log)
     assert (work / POSTERIORS).is_file()
     assert log.lines[-1].startswith("encoded the posteriors of 12")
@@ -90,7 +76,7 @@ def test_the_cache_is_read_back_and_encoded_again_for_another_autoencoder(
     assert log.lines[-1].startswith("read the posteriors of 12")
     assert torch.equal(again.moments, first.moments) and again.index == first.index
 
-    other = build_pipeline(CFG, [e["caption"] for e in EXAMPLES], vae_dir(tmp_path / "b", 1))
+    other = build_pipeline(CFG, [e["caption"] for e in EXAMPLES], tiny_vae(tmp_path / "b", 1))
     fresh = posteriors_for(other, EXAMPLES, 16, work, log)
     assert "another autoencoder" in log.lines[-2]
     assert not torch.allclose(fresh.moments, first.moments)
@@ -117,7 +103,7 @@ def test_duplicate_and_unknown_keys_are_named(tmp_path: Path) -> None:
 
 def test_cached_text_states_give_the_step_what_encoding_the_batch_gives(tmp_path: Path) -> None:
     frozen = replace(CFG, train_text_encoder=False)
-    pipe = build_pipeline(frozen, [e["caption"] for e in EXAMPLES], vae_dir(tmp_path, 0))
+    pipe = build_pipeline(frozen, [e["caption"] for e in EXAMPLES], tiny_vae(tmp_path, 0))
     cache = TextStates(pipe, capacity=4)
     captions = [EXAMPLES[0]["caption"], "", "a red circle", EXAMPLES[0]["caption"]]
     for _ in range(2):  # encoded, then read back

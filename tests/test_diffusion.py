@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import RecordingLog
+from conftest import RecordingLog, tiny_vae
 from diffusers import AutoencoderKL
 from PIL import Image
 
@@ -182,25 +182,11 @@ def test_cross_attention_sits_in_the_lowest_resolution_levels(levels: int) -> No
 # --- training ---------------------------------------------------------------------------------
 
 
-def tiny_vae(directory: Path) -> str:
-    """A random 2-level AutoencoderKL: 16x16 pixels -> 4x8x8 latents."""
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
-    )
-    vae.save_pretrained(directory)
-    return str(directory)
-
-
 def test_training_steps_change_the_weights(manifest: Path, tmp_path: Path) -> None:
     cfg = replace(TINY, sample_every=2, train=replace(TINY.train, steps=2))
     cfg.eval = replace(cfg.eval, prompts=9, sampling_steps=2)
     log = RecordingLog()
-    vae_dir = Path(tiny_vae(tmp_path / "vae"))
+    vae_dir = tiny_vae(tmp_path / "vae")
     inputs = Inputs(
         {"mixed_training_set": manifest.parent, "image_autoencoder": vae_dir},
         work=tmp_path / "work",

@@ -15,9 +15,8 @@ from torch.nn import functional as F
 from ml.captioner.model import Captioner
 from ml.config import TrainConfig
 from ml.stage import NO_LOG, Log
+from ml.tokenizer import IGNORE
 from ml.train import Shuffled, TrainResult, train
-
-IGNORE = -100  # cross_entropy's ignore_index
 
 
 @dataclass

@@ -14,7 +14,7 @@ recur (each is seen once per epoch), up to a bound.
 import hashlib
 import json
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save
+from torch.nn.utils.rnn import pad_sequence
 
 from ml.diffusion.autoencoder import images_tensor
 from ml.diffusion.pipeline import TextToImagePipeline, encode_prompts
@@ -37,7 +38,7 @@ class Posteriors:
     def __init__(self, keys: Sequence[str], moments: torch.Tensor, fingerprint: str) -> None:
         self.index = {key: row for row, key in enumerate(keys)}
         if len(self.index) != len(keys):
-            twice = sorted({k for k in keys if list(keys).count(k) > 1})[:3]
+            twice = sorted(k for k, n in Counter(keys).items() if n > 1)[:3]
             raise ValueError(f"sample keys appear twice in the training set: {twice}")
         if len(keys) != len(moments):
             raise ValueError(f"{len(keys)} keys for {len(moments)} posteriors")
@@ -84,8 +85,10 @@ def encode_posteriors(
     examples: Iterable[dict[str, Any]],
     image_size: int,
     batch_size: int = 256,
+    autoencoder: str | None = None,
 ) -> Posteriors:
-    """The moments of every {"key", "image"} example, encoded `batch_size` at a time."""
+    """The moments of every {"key", "image"} example, encoded `batch_size` at a time;
+    `autoencoder` is `fingerprint(pipe, image_size)` where the caller has it already."""
     keys: list[str] = []
     moments: list[torch.Tensor] = []
     chunk: list[dict[str, Any]] = []
@@ -108,7 +111,7 @@ def encode_posteriors(
         flush()
     if not keys:
         raise ValueError("the training set has no images to encode")
-    return Posteriors(keys, torch.cat(moments), fingerprint(pipe, image_size))
+    return Posteriors(keys, torch.cat(moments), autoencoder or fingerprint(pipe, image_size))
 
 
 def posteriors_for(
@@ -131,7 +134,7 @@ def posteriors_for(
             return cached
         log.info(f"{path} was encoded by another autoencoder: encoding again")
     start = time.perf_counter()
-    posteriors = encode_posteriors(pipe, examples, image_size)
+    posteriors = encode_posteriors(pipe, examples, image_size, autoencoder=wanted)
     log.info(
         f"encoded the posteriors of {len(posteriors)} training images once, "
         f"in {time.perf_counter() - start:.1f} s"
@@ -170,11 +173,7 @@ class TextStates:
             if len(self.states) >= self.capacity:
                 self.states.popitem(last=False)
             self.states[caption] = found[caption]
-        rows = [found[caption] for caption in captions]
-        width = max(len(row) for row in rows)
-        padded = rows[0].new_zeros(len(rows), width, rows[0].shape[-1])
-        mask = torch.zeros(len(rows), width, dtype=torch.long, device=rows[0].device)
-        for i, row in enumerate(rows):
-            padded[i, : len(row)] = row
-            mask[i, : len(row)] = 1
-        return padded, mask
+        states = pad_sequence([found[caption] for caption in captions], batch_first=True)
+        lengths = torch.tensor([len(found[caption]) for caption in captions])
+        mask = torch.arange(states.shape[1])[None, :] < lengths[:, None]
+        return states, mask.long().to(states.device)

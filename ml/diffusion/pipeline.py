@@ -12,6 +12,7 @@ with its own scheduler.
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -287,6 +288,25 @@ def existing_dir(path: str, what: str) -> Path:
     return directory
 
 
+def toy_t5_config(cfg: Any, tokenizer: PreTrainedTokenizerBase, **extra: Any) -> T5Config:
+    """The toy T5 of `cfg`'s `text_dim`, `text_heads`, `text_ff_dim` and `text_layers`, the one
+    shape the diffusion model's encoder and its pretraining (`ml.diffusion.text_pretraining`,
+    which adds its decoder in `extra`) share; dropout off, so training is a function of the
+    seed and the step."""
+    return T5Config(
+        vocab_size=len(tokenizer),
+        d_model=cfg.text_dim,
+        d_kv=cfg.text_dim // cfg.text_heads,
+        d_ff=cfg.text_ff_dim,
+        num_layers=cfg.text_layers,
+        num_heads=cfg.text_heads,
+        dropout_rate=0.0,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **extra,
+    )
+
+
 def build_text_encoder(
     cfg: DiffusionConfig, corpus: Sequence[str] = ()
 ) -> tuple[T5EncoderModel, PreTrainedTokenizerBase]:
@@ -307,18 +327,7 @@ def build_text_encoder(
                 "tokenizer 'bpe' learns its vocabulary from the training captions: "
                 "pass them as `corpus`, or set tokenizer='byte'"
             )
-        t5 = T5Config(
-            vocab_size=len(tokenizer),
-            d_model=cfg.text_dim,
-            d_kv=cfg.text_dim // cfg.text_heads,
-            d_ff=cfg.text_ff_dim,
-            num_layers=cfg.text_layers,
-            num_heads=cfg.text_heads,
-            dropout_rate=0.0,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        encoder = T5EncoderModel(t5)
+        encoder = T5EncoderModel(toy_t5_config(cfg, tokenizer))
     tokenizer.model_max_length = cfg.max_text_length
     encoder.requires_grad_(cfg.train_text_encoder)
     return encoder, tokenizer

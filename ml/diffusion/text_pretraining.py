@@ -12,17 +12,15 @@ from typing import Any
 import torch
 from transformers import (
     PreTrainedTokenizerBase,
-    T5Config,
     T5EncoderModel,
     T5ForConditionalGeneration,
 )
 
 from ml.config import TrainConfig
+from ml.diffusion.pipeline import toy_t5_config
 from ml.stage import NO_LOG, Log
-from ml.tokenizer import caption_tokenizer
-from ml.train import Shuffled, TrainResult, train
-
-IGNORE = -100  # label positions the loss skips
+from ml.tokenizer import IGNORE, caption_tokenizer, pad_rows
+from ml.train import Shuffled, TrainResult, model_loss, train
 
 
 def _pretrain_train() -> TrainConfig:
@@ -87,11 +85,6 @@ def corrupt_spans(
     return source, target
 
 
-def _padded(rows: list[list[int]], value: int) -> torch.Tensor:
-    width = max(map(len, rows))
-    return torch.tensor([row + [value] * (width - len(row)) for row in rows])
-
-
 def _sentinels(cfg: TextPretrainConfig) -> list[str]:
     return [f"<extra_id_{i}>" for i in range(cfg.sentinels)]  # T5's names
 
@@ -114,18 +107,8 @@ def pretrain_text_encoder(
     sentinels = tokenizer.convert_tokens_to_ids(_sentinels(cfg))
     encoded = tokenizer(texts, add_special_tokens=False, truncation=True).input_ids
     encoded = [ids[: cfg.max_text_length - 1] for ids in encoded]
-    config = T5Config(
-        vocab_size=len(tokenizer),
-        d_model=cfg.text_dim,
-        d_kv=cfg.text_dim // cfg.text_heads,
-        d_ff=cfg.text_ff_dim,
-        num_layers=cfg.text_layers,
-        num_decoder_layers=cfg.decoder_layers,
-        num_heads=cfg.text_heads,
-        dropout_rate=0.0,
-        pad_token_id=pad,
-        eos_token_id=eos,
-        decoder_start_token_id=pad,
+    config = toy_t5_config(
+        cfg, tokenizer, num_decoder_layers=cfg.decoder_layers, decoder_start_token_id=pad
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
@@ -137,23 +120,16 @@ def pretrain_text_encoder(
             corrupt_spans(encoded[i], sentinels, cfg.noise_density, cfg.mean_span, rng)
             for i in indices
         ]
-        sources = [source + [eos] for source, _ in pairs]
-        targets = [target + [eos] for _, target in pairs]
-        width, depth = max(map(len, sources)), max(map(len, targets))
+        input_ids, attention_mask = pad_rows([source + [eos] for source, _ in pairs], pad)
+        labels, label_mask = pad_rows([target + [eos] for _, target in pairs], pad)
         return {
-            "input_ids": torch.tensor([s + [pad] * (width - len(s)) for s in sources]),
-            "attention_mask": torch.tensor(
-                [[1] * len(s) + [0] * (width - len(s)) for s in sources]
-            ),
-            "labels": torch.tensor([t + [IGNORE] * (depth - len(t)) for t in targets]),
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels.masked_fill(label_mask == 0, IGNORE),
         }
 
-    def loss_fn(modules: list[torch.nn.Module], batch: Any, generator: torch.Generator) -> Any:
-        device = next(modules[0].parameters()).device
-        return modules[0](**{k: v.to(device) for k, v in batch.items()}).loss
-
     batches = Shuffled(len(encoded), cfg.train.batch_size, cfg.train.seed, make)
-    result = train([model], loss_fn, batches, cfg.train, log, work, resume=work is not None)
+    result = train([model], model_loss, batches, cfg.train, log, work, resume=work is not None)
     encoder = T5EncoderModel(config)
     missing, _ = encoder.load_state_dict(model.state_dict(), strict=False)  # drops the decoder
     if missing:

@@ -14,10 +14,9 @@ from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 
 from ml.files import check_weights
 from ml.stage import NO_LOG, Log
-from ml.train import Shuffled, TrainResult, train
+from ml.tokenizer import IGNORE, caption_tokenizer, pad_rows
+from ml.train import Shuffled, TrainResult, model_loss, train
 from ml.upsampler.config import UpsamplerConfig
-
-IGNORE = -100  # cross_entropy's ignore_index: padding of the labels
 
 
 def build_model(cfg: UpsamplerConfig, corpus: Sequence[str]) -> tuple[Any, Any]:
@@ -30,8 +29,6 @@ def build_model(cfg: UpsamplerConfig, corpus: Sequence[str]) -> tuple[Any, Any]:
         return T5ForConditionalGeneration.from_pretrained(folder), AutoTokenizer.from_pretrained(
             folder
         )
-    from ml.tokenizer import caption_tokenizer
-
     tokenizer = caption_tokenizer(corpus, cfg.vocab_size)
     shape = cfg.model
     config = T5Config(
@@ -51,15 +48,6 @@ def build_model(cfg: UpsamplerConfig, corpus: Sequence[str]) -> tuple[Any, Any]:
     return T5ForConditionalGeneration(config), tokenizer
 
 
-def _padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token rows right-padded to the longest, and their attention mask."""
-    ids = torch.full((len(rows), max(len(r) for r in rows)), pad)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
-    return ids, mask
-
-
 def train_upsampler(
     model: Any,
     tokenizer: Any,
@@ -75,20 +63,16 @@ def train_upsampler(
     pad = tokenizer.pad_token_id
 
     def make(indices: list[int], generator: torch.Generator) -> dict[str, torch.Tensor]:
-        input_ids, attention_mask = _padded([sources.input_ids[i] for i in indices], pad)
-        labels, label_mask = _padded([targets.input_ids[i] for i in indices], pad)
+        input_ids, attention_mask = pad_rows([sources.input_ids[i] for i in indices], pad)
+        labels, label_mask = pad_rows([targets.input_ids[i] for i in indices], pad)
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels.masked_fill(label_mask == 0, IGNORE),
         }
 
-    def loss_fn(modules: list[Any], batch: dict[str, torch.Tensor], _: Any) -> torch.Tensor:
-        device = next(modules[0].parameters()).device
-        return modules[0](**{k: v.to(device) for k, v in batch.items()}).loss
-
     batches = Shuffled(len(pairs), cfg.train.batch_size, cfg.train.seed, make)
-    return train([model], loss_fn, batches, cfg.train, log, work, resume)
+    return train([model], model_loss, batches, cfg.train, log, work, resume)
 
 
 class LocalUpsampler:
